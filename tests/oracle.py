@@ -1,0 +1,199 @@
+"""The oracle every backend is tested against, and the randomized cases it is tested on.
+
+The oracle is the op's definition: one ``F.conv2d`` per instance, in float64, on the inputs already rounded
+to the dtype under test (so a low-precision result is only judged on the rounding and accumulation that
+the kernel itself adds). Backend test files import from here; each runs the same cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+# One (atol, rtol) per dtype. Inputs are scaled so outputs and gradients are O(1): float32 sums of at most a
+# few hundred products carry errors ~1e-6; float16 / bfloat16 results are rounded once from a float32
+# accumulator (relative 2^-11 / 2^-8), and the pure-PyTorch backend may round intermediate products too:
+# a few units in the last place.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    P: int
+    C_in: int
+    H: int
+    W: int
+    N: int
+    C_out: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    index: str = "random"          # none | random | sorted | single | unused
+    index_dtype: torch.dtype = torch.int64
+    layout: str = "contiguous"     # contiguous | channels_last | strided
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return (f"P{self.P}-C{self.C_in}-{self.H}x{self.W}-N{self.N}-O{self.C_out}-k{self.kernel[0]}x{self.kernel[1]}"
+                f"-s{self.stride[0]}{self.stride[1]}-p{self.padding[0]}{self.padding[1]}"
+                f"-d{self.dilation[0]}{self.dilation[1]}-g{self.groups}-{'b' if self.bias else 'nb'}-{self.index}"
+                f"-{str(self.index_dtype)[6:]}-{self.layout}-{self.seed}")
+
+    @property
+    def conv_args(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+
+def make_index(case: Case, generator: torch.Generator) -> torch.Tensor | None:
+    if case.index == "none":
+        return None
+    if case.index == "single":
+        values = torch.full((case.N,), case.P - 1)
+    elif case.index == "sorted":
+        values = torch.sort(torch.randint(0, case.P, (case.N,), generator=generator)).values
+    elif case.index == "unused":  # only the even templates are used
+        values = 2 * torch.randint(0, (case.P + 1) // 2, (case.N,), generator=generator)
+    else:
+        values = torch.randint(0, case.P, (case.N,), generator=generator)
+    return values.to(case.index_dtype)
+
+
+def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last" and tensor.dim() == 4:
+        return tensor.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a view with a non-unit last stride and an offset
+        wide = torch.zeros(*tensor.shape[:-1], 2 * tensor.shape[-1] + 1, dtype=tensor.dtype)
+        wide[..., 1::2] = tensor
+        return wide[..., 1::2]
+    return tensor
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device="cpu"):
+    """Returns (templates, weight, bias, index) in ``dtype`` on ``device``, with the case's layout."""
+    generator = torch.Generator().manual_seed(case.seed)
+    fan_in = (case.C_in // case.groups) * case.kernel[0] * case.kernel[1]
+    templates = torch.randn(case.P, case.C_in, case.H, case.W, generator=generator, dtype=torch.float64)
+    weight = torch.randn(case.N, case.C_out, case.C_in // case.groups, *case.kernel, generator=generator,
+                         dtype=torch.float64) / math.sqrt(max(fan_in, 1))
+    bias = torch.randn(case.N, case.C_out, generator=generator, dtype=torch.float64) if case.bias else None
+    index = make_index(case, generator)
+    templates = _layout(templates.to(dtype), case.layout).to(device)
+    weight = _layout(weight.to(dtype), case.layout).to(device)
+    bias = None if bias is None else bias.to(dtype).to(device)
+    index = None if index is None else index.to(device)
+    return templates, weight, bias, index
+
+
+def oracle_forward(templates, weight, bias, index, *, stride, padding, dilation, groups):
+    """Per-instance F.conv2d in float64 (the op's definition)."""
+    t, w = templates.double().cpu(), weight.double().cpu()
+    b = None if bias is None else bias.double().cpu()
+    idx = range(w.shape[0]) if index is None else index.cpu().tolist()
+    outs = [F.conv2d(t[p][None], w[n], None if b is None else b[n], stride, padding, dilation, groups)[0]
+            for n, p in enumerate(idx)]
+    if not outs:
+        H_out = (t.shape[2] + 2 * padding[0] - dilation[0] * (w.shape[3] - 1) - 1) // stride[0] + 1
+        W_out = (t.shape[3] + 2 * padding[1] - dilation[1] * (w.shape[4] - 1) - 1) // stride[1] + 1
+        return torch.zeros(0, w.shape[1], H_out, W_out, dtype=torch.float64)
+    return torch.stack(outs)
+
+
+def oracle_grads(templates, weight, bias, index, grad_output, **conv):
+    """(output, grad_templates, grad_weight, grad_bias) of the oracle in float64."""
+    t = templates.detach().double().cpu().requires_grad_()
+    w = weight.detach().double().cpu().requires_grad_()
+    b = None if bias is None else bias.detach().double().cpu().requires_grad_()
+    out = oracle_forward(t, w, b, index, **conv)
+    inputs = (t, w) if b is None else (t, w, b)
+    grads = torch.autograd.grad(out, inputs, grad_output.double().cpu(), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    return (out.detach(), grads[0], grads[1], grads[2] if b is not None else None)
+
+
+def check_case(op, case: Case, dtype: torch.dtype, device="cpu"):
+    """Runs ``op`` (the op's signature) forward and backward and compares with the oracle at TOL[dtype]."""
+    templates, weight, bias, index = make_inputs(case, dtype, device)
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (templates, weight, bias)]
+    # Keep the case's layout on the leaves (clone() preserves strides of dense tensors only).
+    leaves[0] = _layout(templates.detach().cpu(), case.layout).to(device).requires_grad_()
+    out = op(leaves[0], leaves[1], leaves[2], index, **case.conv_args)
+    generator = torch.Generator().manual_seed(case.seed + 1)
+    grad_output = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
+    ref_out, *ref_grads = oracle_grads(templates, weight, bias, index, grad_output, **case.conv_args)
+    atol, rtol = TOL[dtype]
+    assert out.dtype == dtype and out.device == templates.device
+    assert out.shape == ref_out.shape
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=atol, rtol=rtol, msg=lambda m: f"output: {m}")
+    inputs = [x for x in leaves if x is not None]
+    grads = torch.autograd.grad(out, inputs, grad_output.to(device))
+    for name, got, want in zip(("grad_templates", "grad_weight", "grad_bias"), grads, ref_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def random_cases(count: int, seed: int) -> list[Case]:
+    """A seeded sample of small cases covering kernel sizes 1/3/5 and rectangular, strides 1-2, padding,
+    dilation 1-2, groups 1/2/depthwise, bias on/off, every index mode and both index dtypes, and layouts."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        kernel = rng.choice([(1, 1), (3, 3), (5, 5), (1, 3), (3, 2), (2, 5)])
+        groups_kind = rng.choice(["1", "2", "depthwise"])
+        c_per_group = rng.choice([1, 2, 3, 4])
+        if groups_kind == "1":
+            groups, C_in, C_out = 1, rng.choice([1, 3, 4, 8]), rng.choice([1, 2, 4, 5])
+        elif groups_kind == "2":
+            groups, C_in, C_out = 2, 2 * c_per_group, 2 * rng.choice([1, 2, 3])
+        else:
+            groups = rng.choice([2, 4, 6])
+            C_in, C_out = groups, groups * rng.choice([1, 2])
+        stride = (rng.choice([1, 2]), rng.choice([1, 2]))
+        dilation = (rng.choice([1, 2]), rng.choice([1, 2]))
+        padding = (rng.choice([0, 1, 2]), rng.choice([0, 1, 2]))
+        min_h = dilation[0] * (kernel[0] - 1) + 1 - 2 * padding[0]
+        min_w = dilation[1] * (kernel[1] - 1) + 1 - 2 * padding[1]
+        H = max(min_h, 1) + rng.randint(0, 9)
+        W = max(min_w, 1) + rng.randint(0, 9)
+        index = rng.choice(["none", "random", "sorted", "single", "unused"])
+        P = rng.randint(1, 6)
+        N = P if index == "none" else rng.randint(1, 9)
+        cases.append(Case(P=P, C_in=C_in, H=H, W=W, N=N, C_out=C_out, kernel=kernel, stride=stride,
+                          padding=padding, dilation=dilation, groups=groups, bias=rng.random() < 0.7, index=index,
+                          index_dtype=rng.choice([torch.int32, torch.int64]),
+                          layout=rng.choice(["contiguous", "contiguous", "channels_last", "strided"]), seed=i))
+    return cases
+
+
+# Edge cases every backend must pass, by name.
+EDGE_CASES = {
+    "empty-N": Case(P=3, C_in=4, H=5, W=5, N=0, C_out=2, kernel=(3, 3), padding=(1, 1)),
+    "empty-P-and-N": Case(P=0, C_in=4, H=5, W=5, N=0, C_out=2, kernel=(3, 3), index="random"),
+    "single-template": Case(P=1, C_in=4, H=7, W=6, N=9, C_out=3, kernel=(3, 3), padding=(1, 1), index="single"),
+    "unused-templates": Case(P=6, C_in=4, H=7, W=6, N=5, C_out=3, kernel=(3, 3), padding=(1, 1), index="unused"),
+    "depthwise": Case(P=3, C_in=6, H=9, W=8, N=5, C_out=6, kernel=(3, 3), padding=(1, 1), groups=6),
+    "depthwise-multiplier": Case(P=3, C_in=4, H=9, W=8, N=5, C_out=8, kernel=(3, 3), padding=(2, 2),
+                                 dilation=(2, 2), groups=4),
+    "stride-dilation": Case(P=4, C_in=4, H=11, W=13, N=6, C_out=4, kernel=(3, 3), stride=(2, 2), padding=(2, 1),
+                            dilation=(2, 2), groups=2),
+    "rectangular": Case(P=3, C_in=3, H=8, W=12, N=4, C_out=2, kernel=(1, 5), stride=(2, 1), padding=(0, 2)),
+    "kernel-equals-input": Case(P=2, C_in=2, H=3, W=3, N=3, C_out=2, kernel=(3, 3)),
+    "padding-only-output": Case(P=2, C_in=2, H=1, W=1, N=2, C_out=2, kernel=(1, 1), padding=(2, 2), index="none"),
+    "channels-last": Case(P=3, C_in=8, H=6, W=7, N=5, C_out=4, kernel=(3, 3), padding=(1, 1),
+                          layout="channels_last"),
+    "non-contiguous": Case(P=3, C_in=4, H=6, W=7, N=5, C_out=4, kernel=(3, 3), padding=(1, 1), layout="strided"),
+    "int32-index": Case(P=3, C_in=4, H=6, W=7, N=5, C_out=4, kernel=(1, 1), index_dtype=torch.int32),
+    "large-tile": Case(P=2, C_in=3, H=23, W=29, N=3, C_out=2, kernel=(3, 3), padding=(1, 1)),
+    "1x1-wide": Case(P=2, C_in=32, H=6, W=5, N=6, C_out=1, kernel=(1, 1), bias=False),
+}
