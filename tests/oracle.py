@@ -59,6 +59,8 @@ class Case:
 def make_index(case: Case, generator: torch.Generator) -> torch.Tensor | None:
     if case.index == "none":
         return None
+    if case.N == 0:
+        return torch.zeros(0, dtype=case.index_dtype)
     if case.index == "single":
         values = torch.full((case.N,), case.P - 1)
     elif case.index == "sorted":
@@ -117,6 +119,9 @@ def oracle_grads(templates, weight, bias, index, grad_output, **conv):
     b = None if bias is None else bias.detach().double().cpu().requires_grad_()
     out = oracle_forward(t, w, b, index, **conv)
     inputs = (t, w) if b is None else (t, w, b)
+    if out.numel() == 0:  # nothing flows back: every gradient is zero
+        grads = [torch.zeros_like(x) for x in inputs]
+        return (out.detach(), grads[0], grads[1], grads[2] if b is not None else None)
     grads = torch.autograd.grad(out, inputs, grad_output.double().cpu(), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     return (out.detach(), grads[0], grads[1], grads[2] if b is not None else None)
