@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -27,24 +26,23 @@ else:
                            torch.ops.pointins_ops.instance_aware_conv_backward.default)
 
 
+# Fixed once the library is loaded; kept as plain data so torch.compile traces the backend choice freely.
+_COMPILED_KEYS = frozenset(
+    key for key in ("CPU", "CUDA")
+    if _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("pointins_ops::instance_aware_conv", key))
+
+try:
+    from . import triton as _triton_backend
+except ImportError:  # Triton is not installed
+    _triton_backend = None
+
+
 def _has_compiled_kernel(dispatch_key: str) -> bool:
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "pointins_ops::instance_aware_conv", dispatch_key)
-
-
-@functools.cache
-def _triton_module():
-    """The Triton backend, or None where Triton cannot be imported."""
-    try:
-        from . import triton as triton_backend
-    except ImportError:
-        return None
-    return triton_backend if getattr(triton_backend, "AVAILABLE", False) else None
+    return dispatch_key in _COMPILED_KEYS
 
 
 def _triton_serves(device: torch.device) -> bool:
-    module = _triton_module()
-    return module is not None and module.serves(device)
+    return _triton_backend is not None and _triton_backend.AVAILABLE and _triton_backend.serves(device)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -138,7 +136,7 @@ def instance_aware_conv(templates: torch.Tensor, weight: torch.Tensor, bias: tor
     # Reading index values needs the data: under torch.compile, and while a CUDA graph is being captured,
     # the kernels check the range themselves.
     check_values = not torch.compiler.is_compiling() and not (
-        templates.is_cuda and torch.cuda.is_current_stream_capturing())
+        isinstance(templates, torch.Tensor) and templates.is_cuda and torch.cuda.is_current_stream_capturing())
     stride, padding, dilation, groups = check_instance_aware_conv_inputs(
         templates, weight, bias, index, stride, padding, dilation, groups, check_index_values=check_values)
     chosen = _resolve_backend(backend, templates.device)
@@ -146,6 +144,6 @@ def instance_aware_conv(templates: torch.Tensor, weight: torch.Tensor, bias: tor
         return torch.ops.pointins_ops.instance_aware_conv(templates, weight, bias, index, stride, padding, dilation,
                                                           groups)
     if chosen == "triton":
-        return _triton_module().instance_aware_conv(templates, weight, bias, index, stride, padding, dilation, groups)
+        return _triton_backend.instance_aware_conv(templates, weight, bias, index, stride, padding, dilation, groups)
     return reference.instance_aware_conv_reference(templates, weight, bias, index, stride=stride, padding=padding,
                                                    dilation=dilation, groups=groups)
