@@ -1,12 +1,34 @@
-"""Triton backend of instance_aware_conv (kernels land with the Triton issue).
+"""Triton backend of ``instance_aware_conv`` (kernels and launchers in :mod:`.kernels`).
 
 Contract for ops.py: ``AVAILABLE`` (bool), ``serves(device) -> bool`` and
 ``instance_aware_conv(templates, weight, bias, index, stride, padding, dilation, groups)`` taking checked,
 normalized arguments and returning a differentiable tensor.
+
+The kernels run on CUDA tensors, and on CPU tensors under the Triton interpreter: set ``TRITON_INTERPRET=1``
+before this package is first imported (Triton decides at import time whether kernels are compiled or
+interpreted).
 """
 
-AVAILABLE = False
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import kernels as _kernels
+except ImportError:  # Triton is not installed
+    _kernels = None
+
+AVAILABLE = _kernels is not None
+INTERPRET = AVAILABLE and _kernels.INTERPRET
 
 
 def serves(device) -> bool:
-    return False
+    """Whether the Triton kernels can run tensors on ``device``."""
+    device = torch.device(device)
+    return AVAILABLE and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+def instance_aware_conv(templates, weight, bias, index, stride, padding, dilation, groups):
+    """Run the Triton op; arguments are already checked, with stride, padding and dilation as int pairs."""
+    return torch.ops.pointins_ops.instance_aware_conv_triton(templates, weight, bias, index, list(stride),
+                                                             list(padding), list(dilation), groups)
