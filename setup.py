@@ -8,8 +8,12 @@ the torch you already have.
 
 import glob
 import os
+import re
+import shutil
 import site
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -23,6 +27,28 @@ def _want_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def _locate_cuda_home() -> None:
+    """Sets CUDA_HOME from nvcc itself when it is unset, before torch's build helpers guess it.
+
+    torch takes the folder above nvcc's folder, which is wrong when the nvcc on PATH is a wrapper script
+    (/usr/local/bin/nvcc gives /usr/local, which lacks the toolkit's lib64/libcudart.so). ``nvcc -dryrun``
+    prints the toolkit's real root.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or shutil.which("nvcc") is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "empty.cu")
+        open(source, "w").close()
+        try:
+            listing = subprocess.run(["nvcc", "-dryrun", "-c", source, "-o", os.path.join(folder, "empty.o")],
+                                     capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return
+    match = re.search(r"^#\$ TOP=(.+)$", listing.stdout + listing.stderr, re.MULTILINE)
+    if match and os.path.isdir(os.path.join(match.group(1).strip(), "include")):
+        os.environ["CUDA_HOME"] = os.path.normpath(match.group(1).strip())
 
 
 def _nvidia_wheel_dirs():
@@ -43,11 +69,14 @@ def _nvidia_wheel_dirs():
 
 
 def _extensions():
+    want_cuda = _want_cuda()
+    if want_cuda:
+        _locate_cuda_home()  # before torch.utils.cpp_extension reads it
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fdiagnostics-color=always"]
-    if not _want_cuda():
+    if not want_cuda:
         return [CppExtension("pointins_ops._C", sources, extra_compile_args={"cxx": cxx_flags})]
 
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
