@@ -55,6 +55,11 @@ class Case:
     def conv_args(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
+    @property
+    def op_args(self) -> tuple:
+        """The conv arguments positionally, as the registered ops (``torch.ops.pointins_ops.*``) take them."""
+        return (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+
 
 def make_index(case: Case, generator: torch.Generator) -> torch.Tensor | None:
     if case.index == "none":
@@ -146,6 +151,137 @@ def check_case(op, case: Case, dtype: torch.dtype, device="cpu"):
     for name, got, want in zip(("grad_templates", "grad_weight", "grad_bias"), grads, ref_grads):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# What forward_and_grads returns, in order; bias is always present in the cases it is used on.
+RESULT_NAMES = ("output", "grad_templates", "grad_weight", "grad_bias")
+
+# The (forward, backward) ops in torch.ops.pointins_ops that each compiled backend registers. "cpu" and "cuda"
+# are two dispatch keys of the same C++ op; Triton registers its own.
+REGISTERED_OPS = {
+    "cpu": ("instance_aware_conv", "instance_aware_conv_backward"),
+    "cuda": ("instance_aware_conv", "instance_aware_conv_backward"),
+    "triton": ("instance_aware_conv_triton", "instance_aware_conv_triton_backward"),
+}
+
+
+def registered_ops(backend: str):
+    """The backend's (forward, backward) op packets, reached directly (without the public function's checks)."""
+    import pointins_ops  # noqa: F401  (importing it registers the ops; imported here as in forward_and_grads)
+
+    forward, backward = REGISTERED_OPS[backend]
+    return getattr(torch.ops.pointins_ops, forward), getattr(torch.ops.pointins_ops, backward)
+
+
+def forward_and_grads(backend: str, case: Case, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """(output, grad_templates, grad_weight, grad_bias) of the public function on ``backend``, on the CPU.
+    grad_output is seeded by the case, so two calls on the same case are comparable bit for bit."""
+    # Imported here, not at the top: csrc/cuda/emulation/emulate.py uses this module and must never load
+    # pointins_ops (its emulated library defines the same op namespace).
+    from pointins_ops import instance_aware_conv
+
+    templates, weight, bias, index = make_inputs(case, dtype, device)
+    leaves = [x.detach().clone().requires_grad_() for x in (templates, weight, bias)]
+    out = instance_aware_conv(*leaves, index, backend=backend, **case.conv_args)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad_output.to(dtype).to(device))
+    return [t.detach().cpu() for t in (out, *grads)]
+
+
+def check_agrees_with_cpu_kernel(backend: str, case: Case, dtype: torch.dtype, device):
+    """``backend`` on ``device`` and the C++ CPU kernel agree on the output and every gradient at TOL[dtype]."""
+    results = forward_and_grads(backend, case, dtype, device)
+    cpu_results = forward_and_grads("cpu", case, dtype, "cpu")
+    atol, rtol = TOL[dtype]
+    for what, got, want in zip(RESULT_NAMES, results, cpu_results):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_bitwise_reproducible(backend: str, case: Case, dtype: torch.dtype, device):
+    """Two identical runs of ``backend`` give the same bits in the output and every gradient."""
+    first = forward_and_grads(backend, case, dtype, device)
+    second = forward_and_grads(backend, case, dtype, device)
+    for what, a, b in zip(RESULT_NAMES, first, second):
+        assert torch.equal(a, b), f"{what} differs between two identical runs"
+
+
+def check_out_of_range_index_is_masked(backend: str, device):
+    """The backend's registered forward and backward ops, given an index with one entry past P and one negative,
+    produce NaN for exactly those instances (output and grad_weight) and the pure-PyTorch result elsewhere.
+
+    The public function rejects such an index on the host; the ops themselves (reached directly, or under
+    torch.compile / CUDA graph capture where the host check is skipped) must mask it, not read memory with it.
+    """
+    from pointins_ops import instance_aware_conv  # see forward_and_grads
+
+    forward_op, backward_op = registered_ops(backend)
+    case = EDGE_CASES["stride-dilation"]
+    templates, weight, bias, index = make_inputs(case, torch.float32, device)
+    bad = index.clone()
+    bad[1], bad[4] = case.P, -1
+    out = forward_op(templates, weight, bias, bad, *case.op_args)
+    expected = instance_aware_conv(templates, weight, bias, index, backend="torch", **case.conv_args)
+    good = [n for n in range(case.N) if n not in (1, 4)]
+    assert out[[1, 4]].isnan().all()
+    torch.testing.assert_close(out[good], expected[good], atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1])
+
+    grad_templates, grad_weight, grad_bias = backward_op(torch.ones_like(out), templates, weight, bad,
+                                                         *case.op_args)
+    assert grad_templates.isfinite().all() and grad_weight[good].isfinite().all() and grad_bias.isfinite().all()
+    assert grad_weight[[1, 4]].isnan().all()
+
+
+def capture_forward_and_backward(backend: str, device):
+    """Captures one call of the backend's registered forward and backward ops in a CUDA graph.
+
+    Returns (case, static, graph, captured, step): ``static`` holds the graph's inputs (templates, weight, bias,
+    index, grad_output) to refill before ``graph.replay()``, ``captured`` the tensors a replay writes
+    (output, grad_templates, grad_weight, grad_bias), and ``step`` runs the same ops eagerly to compare with.
+    """
+    forward_op, backward_op = registered_ops(backend)
+    case = Case(P=5, C_in=8, H=12, W=11, N=30, C_out=6, kernel=(3, 3), padding=(1, 1), groups=2, seed=9)
+    templates, weight, bias, index = make_inputs(case, torch.float32, device)
+    grad_output = torch.randn(case.N, case.C_out, case.H, case.W, device=device)
+    static = [t.clone() for t in (templates, weight, bias, index, grad_output)]
+
+    def step(templates, weight, bias, index, grad_output):
+        out = forward_op(templates, weight, bias, index, *case.op_args)
+        return (out, *backward_op(grad_output, templates, weight, index, *case.op_args))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    # Warm up (and compile any Triton kernels) outside the capture, as torch.cuda.graphs recommends.
+    with torch.cuda.stream(side):
+        step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(*static)
+    return case, static, graph, captured, step
+
+
+def check_ops_pass_opcheck(backend: str, case: Case, device):
+    """torch.library.opcheck (schema, fake, autograd, AOT dispatch) on the backend's registered forward and
+    backward ops, on the case's inputs in float32."""
+    forward_op, backward_op = registered_ops(backend)
+    templates, weight, bias, index = make_inputs(case, torch.float32, device)
+    torch.library.opcheck(forward_op.default,
+                          (templates.requires_grad_(), weight.requires_grad_(), bias, index, *case.op_args))
+    out = forward_op(templates, weight, bias, index, *case.op_args)
+    grad_output = torch.randn_like(out)
+    torch.library.opcheck(backward_op.default, (grad_output, templates.detach(), weight.detach(), index, *case.op_args))
+
+
+def check_compiled_fullgraph(op, case: Case, device):
+    """``op`` (the op's signature) inside a ``torch.compile(fullgraph=True)`` function matches the oracle."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def head(templates, weight, bias, index, **conv):
+        return op(templates, weight, bias, index, **conv) * 2
+
+    # Scaling by 2 is exact, so the compiled graph is held to the oracle's tolerance.
+    check_case(lambda *args, **conv: head(*args, **conv) / 2, case, torch.float32, device)
 
 
 def random_cases(count: int, seed: int) -> list[Case]:

@@ -1,0 +1,259 @@
+"""The Triton backend against the op's oracle, the C++ CPU kernel, and itself (determinism), plus opcheck and
+torch.compile.
+
+Without a GPU the kernels run on CPU tensors in the Triton interpreter. Triton decides whether kernels are
+compiled or interpreted when they are defined, i.e. when pointins_ops is first imported, so TRITON_INTERPRET=1
+must be set before that: tests/conftest.py does it for the whole session, and the lines below do it when this
+file runs alone. test_triton_backend_serves_this_device fails (rather than everything skipping) if it came too
+late.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import functools  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import pointins_ops.triton as triton_backend  # noqa: E402
+from oracle import (  # noqa: E402
+    EDGE_CASES, RESULT_NAMES, Case, capture_forward_and_backward, check_agrees_with_cpu_kernel,
+    check_bitwise_reproducible, check_case, check_compiled_fullgraph, check_ops_pass_opcheck,
+    check_out_of_range_index_is_masked, random_cases)
+from pointins_ops import available_backends, instance_aware_conv  # noqa: E402
+from pointins_ops.triton import kernels  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+INTERPRETED = not ON_GPU
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ CPU kernel is not built")
+
+if INTERPRETED:
+    # The interpreter runs each program in Python: 64 cases in float32 and every fourth one in each half
+    # precision keep this file near three and a half minutes on two cores.
+    RANDOM_CASES = random_cases(64, seed=2026)
+    RANDOM_RUNS = ([(case, torch.float32) for case in RANDOM_CASES]
+                   + [(case, torch.float16) for case in RANDOM_CASES[0::4]]
+                   + [(case, torch.bfloat16) for case in RANDOM_CASES[2::4]])
+else:
+    RANDOM_CASES = random_cases(240, seed=2026)
+    RANDOM_RUNS = [(case, dtype) for case in RANDOM_CASES for dtype in DTYPES]
+
+op = functools.partial(instance_aware_conv, backend="triton")
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_and_fixed_configs(monkeypatch):
+    """Compare float32 against the oracle without TF32 (conv2d's TF32 flag is on by default), and run one fixed
+    config instead of autotuning each of the hundreds of shapes swept here (test_autotuned_kernels_match_oracle
+    covers autotuning)."""
+    monkeypatch.setattr(kernels, "AUTOTUNE", False)
+    if ON_GPU:
+        previous = torch.backends.cudnn.conv.fp32_precision
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        yield
+        torch.backends.cudnn.conv.fp32_precision = previous
+    else:
+        yield
+
+
+def test_triton_backend_serves_this_device():
+    assert triton_backend.AVAILABLE
+    assert triton_backend.serves(DEVICE), (
+        "the Triton kernels were defined without TRITON_INTERPRET=1 on a machine without a GPU: pointins_ops was "
+        "imported before this file set it; set it in tests/conftest.py before anything imports pointins_ops")
+    assert triton_backend.serves("cuda")
+    assert "triton" in available_backends(DEVICE)
+
+
+@pytest.mark.parametrize("case, dtype", RANDOM_RUNS, ids=lambda x: str(x)[6:] if isinstance(x, torch.dtype) else str(x))
+def test_random_cases_match_conv2d(case, dtype):
+    check_case(op, case, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_edge_cases_match_conv2d(name, dtype):
+    check_case(op, EDGE_CASES[name], dtype, DEVICE)
+
+
+@pytest.mark.parametrize("name", ["stride-dilation", "channels-last", "depthwise-multiplier"])
+def test_64bit_offsets_match_conv2d(name, monkeypatch):
+    # Tensors with 2^31 elements do not fit a test; the same code path is forced on small ones.
+    monkeypatch.setattr(kernels, "_FORCE_64BIT_OFFSETS", True)
+    check_case(op, EDGE_CASES[name], torch.float32, DEVICE)
+
+
+def test_many_instances_per_template_match_conv2d():
+    # Several row tiles per template, several pixel tiles, and instances spread over templates unevenly.
+    case = Case(P=3, C_in=4, H=20, W=30, N=40, C_out=3, kernel=(3, 3), padding=(1, 1), index="random", seed=3)
+    check_case(op, case, torch.float32, DEVICE)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["stride-dilation", "unused-templates", "depthwise-multiplier", "rectangular"])
+def test_agrees_with_cpu_kernel(name, dtype):
+    check_agrees_with_cpu_kernel("triton", EDGE_CASES[name], dtype, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_are_bitwise_reproducible(dtype):
+    # Shared templates: grad_templates sums many instances, where atomics would make the order vary.
+    case = Case(P=2, C_in=4, H=9, W=11, N=12, C_out=6, kernel=(3, 3), padding=(1, 1), groups=2, index="random",
+                seed=5)
+    if ON_GPU:
+        case = Case(P=8, C_in=64, H=48, W=48, N=200, C_out=32, kernel=(3, 3), padding=(1, 1), groups=2,
+                    index="random", seed=5)
+    check_bitwise_reproducible("triton", case, dtype, DEVICE)
+
+
+def test_out_of_range_index_is_never_read():
+    check_out_of_range_index_is_masked("triton", DEVICE)
+
+
+@needs_gpu
+def test_cuda_graph_capture_and_replay():
+    # Sorting by template happens on the device without a host sync, so a captured graph re-sorts a changed
+    # index on replay.
+    case, static, graph, captured, step = capture_forward_and_backward("triton", DEVICE)
+    static[0].copy_(torch.randn_like(static[0]))
+    static[3].copy_(torch.randint(0, case.P, (case.N,), device=DEVICE))
+    graph.replay()
+    torch.cuda.synchronize()
+    for what, got, want in zip(RESULT_NAMES, captured, step(*static)):
+        assert torch.equal(got, want), f"{what} differs between replay and eager"
+
+
+@pytest.mark.parametrize("name", ["stride-dilation", "channels-last", "empty-N", "int32-index"])
+def test_opcheck(name):
+    # Under the interpreter the op is an opaque custom op (see kernels.py); on a GPU it is a triton_op whose
+    # kernels torch.compile traces. opcheck covers both registrations: schema, fake, autograd, AOT dispatch.
+    check_ops_pass_opcheck("triton", EDGE_CASES[name], DEVICE)
+
+
+def test_torch_compile_fullgraph():
+    check_compiled_fullgraph(op, EDGE_CASES["stride-dilation"], DEVICE)
+
+
+@needs_gpu  # the interpreter never autotunes
+def test_autotuned_kernels_match_oracle(monkeypatch):
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    for case in RANDOM_CASES[:6] + [EDGE_CASES["large-tile"]]:
+        check_case(op, case, torch.float32, DEVICE)
+    # Inductor launches autotuned user kernels itself.
+    torch._dynamo.reset()
+    check_case(torch.compile(op, fullgraph=True), EDGE_CASES["stride-dilation"], torch.float32, DEVICE)
+
+
+def test_float32_follows_conv2d_tf32_flag():
+    cudnn, cuda = torch.backends.cudnn, torch.device("cuda")
+    saved = (cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    try:
+        cudnn.conv.fp32_precision = "tf32"
+        assert kernels._conv_allows_tf32(cuda)
+        assert not kernels._conv_allows_tf32(torch.device("cpu"))
+        cudnn.conv.fp32_precision = "ieee"
+        assert not kernels._conv_allows_tf32(cuda)
+        cudnn.allow_tf32 = False  # the legacy flag
+        assert not kernels._conv_allows_tf32(cuda)
+        cudnn.allow_tf32 = True
+        assert kernels._conv_allows_tf32(cuda)
+    finally:
+        cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+
+
+def test_gpu_registration_traces_kernels_into_the_graph():
+    # The GPU registration (triton_op) cannot run without a GPU, but torch.compile can trace it on meta tensors:
+    # the graph must hold the Triton kernels themselves (not an opaque op), and one graph with dynamic shapes
+    # must serve every instance count (tile sizes are chosen without guarding on it).
+    script = textwrap.dedent("""
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        import torch
+        from torch._dynamo.backends.common import aot_autograd
+        import pointins_ops
+
+        graphs = []
+        def capture(gm, example_inputs):
+            graphs.append(gm.code)
+            def never_run(*args):
+                raise RuntimeError("captured")
+            return never_run
+
+        @torch.compile(backend=aot_autograd(fw_compiler=capture), dynamic=True, fullgraph=True)
+        def forward_and_backward(templates, weight, bias, index, grad_output):
+            conv = ([1, 1], [1, 1], [1, 1], 2)
+            out = torch.ops.pointins_ops.instance_aware_conv_triton(templates, weight, bias, index, *conv)
+            grads = torch.ops.pointins_ops.instance_aware_conv_triton_backward(grad_output, templates, weight, index,
+                                                                               *conv)
+            return out, grads
+
+        for n in (5, 7, 30):
+            try:
+                forward_and_backward(torch.empty(3, 4, 9, 8, device="meta"), torch.empty(n, 6, 2, 3, 3, device="meta"),
+                                     torch.empty(n, 6, device="meta"), torch.zeros(n, dtype=torch.long, device="meta"),
+                                     torch.empty(n, 6, 9, 8, device="meta"))
+            except RuntimeError as error:
+                assert "captured" in str(error), error
+        print("GRAPHS", len(graphs))
+        print("KERNELS", graphs[0].count("triton_kernel_wrapper_functional("))
+        print("OPAQUE", graphs[0].count("instance_aware_conv_triton"))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # One forward kernel, then grad_templates and grad_weight (with grad_bias).
+    assert "GRAPHS 1" in result.stdout and "KERNELS 3" in result.stdout and "OPAQUE 0" in result.stdout, (
+        result.stdout)
+
+
+def test_kernels_compile_for_gpu_targets():
+    # The interpreter runs the kernels' logic but not Triton's compiler; compile every kernel for Ampere and
+    # Hopper (no GPU needed) in each dtype, TF32 on and off, with 32- and 64-bit offsets.
+    script = textwrap.dedent("""
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from pointins_ops.triton import kernels
+
+        def compile_for(kernel, pointers, constexprs, capability):
+            signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+                         for name in kernel.arg_names}
+            source = ASTSource(fn=kernel, signature=signature,
+                               constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+            triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4, num_stages=3))
+
+        schedule = dict(order="*i64", tile_template="*i64", tile_start="*i64", bounds="*i64")
+        variants = [("fp32", "ieee", False, 90), ("fp32", "tf32", True, 90), ("fp16", "ieee", False, 80),
+                    ("bf16", "ieee", True, 90), ("bf16", "ieee", False, 80)]
+        for dtype, precision, wide, capability in variants:
+            common = dict(kH=3, kW=2, TF32=precision == "tf32", UPCAST=False, WIDE=wide)
+            t = "*" + dtype
+            compile_for(kernels._forward_kernel, dict(templates=t, weight=t, bias=t, out=t, **schedule),
+                        dict(common, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), capability)
+            compile_for(kernels._grad_weight_kernel,
+                        dict(grad_out=t, templates=t, grad_weight=t, grad_bias=t, **schedule),
+                        dict(common, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), capability)
+            compile_for(kernels._grad_templates_kernel,
+                        dict(grad_out=t, weight=t, grad_templates=t, order="*i64", bounds="*i64"),
+                        dict(common, BLOCK_C=16, BLOCK_R=32, BLOCK_HW=64), capability)
+            print("compiled", dtype, precision, wide, capability)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 5, result.stdout
