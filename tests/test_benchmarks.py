@@ -1,0 +1,180 @@
+"""The benchmark harness (``python -m benchmarks``) in quick mode: tiny shapes, one repetition.
+
+It checks the harness, not the speed: every row of the table is complete, every provider's output was checked
+against the float64 reference before it was timed, and a provider that is wrong is reported, not timed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# `benchmarks` is a folder of the repository (run as `python -m benchmarks` from its root), not installed.
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import measure  # noqa: E402
+from benchmarks.providers import BEST_REFERENCE, POINTINS, REFERENCE, Provider, make_providers  # noqa: E402
+from benchmarks.run import COLUMNS, TIMED_COLUMNS, Config, run  # noqa: E402
+from benchmarks.scenarios import MODES, SCENARIOS  # noqa: E402
+from pointins_ops import available_backends  # noqa: E402
+from pointins_ops.reference import FORMULATIONS  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick run of the command as users type it; its stdout and the files it wrote."""
+    out = tmp_path_factory.mktemp("benchmarks")
+    # conftest.py turns on Triton's interpreter for the kernel tests; the benchmarks never time it, and a
+    # user's shell would not have it set.
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    process = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-progress", "--out", str(out)],
+                             cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-4000:]
+    document = json.loads((out / "results.json").read_text())
+    return dict(out=out, stdout=process.stdout, stderr=process.stderr, document=document,
+                rows=document["rows"])
+
+
+def _operator_rows(rows):
+    return [row for row in rows if row["kind"] != "model"]
+
+
+def test_every_provider_has_a_row_per_scenario_dtype_and_mode(quick):
+    # Every compiled CPU backend; not "torch" (it is one of the references) nor Triton's interpreter.
+    backends = [name for name in available_backends("cpu") if name not in ("torch", "triton")]
+    assert quick["document"]["settings"]["backends"] == backends
+    rows = _operator_rows(quick["rows"])
+    seen = {(row["scenario"], row["dtype"], row["mode"], row["provider"]) for row in rows}
+    for scenario in SCENARIOS.values():
+        references = [name for name in FORMULATIONS if name != "einsum_1x1" or scenario.kernel == 1]
+        for dtype in DTYPES:
+            for mode in MODES:
+                for provider in backends + references + [BEST_REFERENCE]:
+                    assert (scenario.name, dtype, mode, provider) in seen
+    assert len(seen) == len(rows), "duplicate rows"
+
+
+def test_every_row_is_complete_and_was_checked_before_it_was_timed(quick):
+    rows = _operator_rows(quick["rows"])
+    for row in rows:
+        where = f"{row['scenario']} {row['dtype']} {row['mode']} {row['provider']}"
+        assert row["status"] == "ok", where
+        assert row["verified"] is True, where
+        assert row["max_rel_error"] <= measure.VERIFY_TOL[getattr(torch, row["dtype"])], where
+        for column in TIMED_COLUMNS + ["flops", "min_bytes", "samples", "peak_extra_bytes"]:
+            assert row[column] is not None, f"{where}: {column}"
+        for column in ("median_s", "p20_s", "p80_s", "tflops", "gbps", "roofline_pct", "speedup"):
+            assert math.isfinite(row[column]) and row[column] > 0, f"{where}: {column} = {row[column]}"
+        assert row["p20_s"] <= row["median_s"] <= row["p80_s"], where
+        assert row["peak_extra_bytes"] >= 0, where
+        assert row["best_reference"] in FORMULATIONS, where
+
+
+def test_best_reference_is_the_fastest_reference(quick):
+    rows = _operator_rows(quick["rows"])
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["scenario"], row["dtype"], row["mode"]), []).append(row)
+    for group in groups.values():
+        best = next(row for row in group if row["kind"] == BEST_REFERENCE)
+        references = [row for row in group if row["kind"] == REFERENCE]
+        assert best["median_s"] == min(row["median_s"] for row in references)
+        assert best["speedup"] == 1.0
+        for row in group:
+            assert row["speedup"] == pytest.approx(best["median_s"] / row["median_s"], rel=1e-12)
+
+
+def test_model_rows_when_the_model_package_provides_the_mask_branch(quick):
+    status = quick["document"]["settings"]["model"]
+    model_rows = [row for row in quick["rows"] if row["kind"] == "model"]
+    if status != "measured":
+        assert not model_rows
+        pytest.skip(f"model rows not run: {status}")
+    assert {row["scenario"] for row in model_rows} == {"mask-branch-train", "mask-branch-infer"}
+    for row in model_rows:
+        assert row["status"] == "ok" and row["verified"] is True, row
+        assert row["median_s"] > 0 and row["speedup"] > 0 and row["peak_extra_bytes"] is not None, row
+
+
+def test_markdown_table_on_stdout_has_every_row_filled(quick):
+    lines = [line for line in quick["stdout"].splitlines() if line.startswith("| ") and "---" not in line]
+    table = [line for line in lines if line.count("|") == 11 and not line.startswith("| scenario |")]
+    assert len(table) == len(_operator_rows(quick["rows"]))
+    for line in table:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert all(cells), line
+        assert cells[-1].startswith("ok "), line
+
+
+def test_csv_and_json_keep_full_precision_and_the_environment(quick):
+    with open(quick["out"] / "results.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert list(csv_rows[0]) == COLUMNS
+    assert len(csv_rows) == len(quick["rows"])
+    for from_csv, from_json in zip(csv_rows, quick["rows"]):
+        for column in ("median_s", "p20_s", "tflops", "roofline_pct", "max_rel_error"):
+            if from_json[column] is not None:
+                assert float(from_csv[column]) == from_json[column]  # exact: repr round-trips
+    environment = quick["document"]["environment"]
+    for key in ("date_utc", "cpu", "threads", "torch", "triton", "pointins", "git_commit"):
+        assert environment[key] not in (None, ""), key
+    assert set(quick["document"]["scenarios"]) == set(SCENARIOS)
+    ceilings = quick["document"]["ceilings"]
+    assert ceilings["copy_bytes_per_s"] > 0 and set(ceilings["matmul_flops_per_s"]) == set(DTYPES)
+    assert (quick["out"] / "results.md").read_text().strip() == quick["stdout"].strip()
+
+
+def test_plot_or_a_message_saying_why_not(quick):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in quick["stderr"]
+    else:
+        for dtype in DTYPES:
+            assert (quick["out"] / f"plot_{dtype}.png").stat().st_size > 0
+
+
+def test_a_wrong_provider_is_reported_and_not_timed():
+    def off_by_one_percent(templates, weight, bias=None, index=None, **conv):
+        return FORMULATIONS["unfold_bmm"](templates, weight, bias, index, **conv) * 1.01
+
+    device = torch.device("cpu")
+    providers = make_providers(device, backends=[], references=["unfold_bmm"])
+    providers.append(Provider("wrong", POINTINS, off_by_one_percent))
+    config = Config(device, "quick", [SCENARIOS["pointins-infer"]], [torch.float32], ["forward", "backward"],
+                    providers, measure.TimingSettings(quick=True), progress=False)
+    rows, _ = run(config)
+    wrong = [row for row in rows if row["provider"] == "wrong"]
+    assert len(wrong) == 2
+    for row in wrong:
+        assert row["verified"] is False and row["status"].startswith("mismatch")
+        assert row["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
+        assert row["median_s"] is None and row["speedup"] is None
+    assert all(row["status"] == "ok" for row in rows if row["provider"] != "wrong")
+
+
+def test_operation_counts_and_scaling():
+    train = SCENARIOS["pointins-train"]
+    multiply_adds = 4096 * 16 * 14 * 14 * 16 * 3 * 3
+    assert train.flops("forward") == 2 * multiply_adds
+    assert train.flops("forward+backward") == 6 * multiply_adds
+    templates, weight, bias, output = 1024 * 16 * 14 * 14, 4096 * 16 * 16 * 9, 4096 * 16, 4096 * 16 * 14 * 14
+    assert train.min_bytes("forward", torch.float32) == 4 * (templates + weight + bias + output) + 8 * 4096
+    assert train.min_bytes("backward", torch.bfloat16) == 2 * (output + 2 * templates + 2 * weight + bias) + 8 * 4096
+    cpu = train.scaled("cpu")
+    assert (cpu.P, cpu.N, cpu.C_in, cpu.H, cpu.kernel) == (64, 256, 16, 14, 3)
+    condinst = SCENARIOS["condinst"].scaled("cpu")
+    assert (condinst.P, condinst.N) == (1, 32)
+    infer = SCENARIOS["pointins-infer"].scaled("quick")
+    assert infer.N == infer.P >= 1
