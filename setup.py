@@ -76,8 +76,15 @@ def _extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP region: without -fopenmp the CPU kernels run on one thread.
+        # The extension then links libgomp.so.1, which resolves to the copy torch has already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not want_cuda:
-        return [CppExtension("pointins_ops._C", sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("pointins_ops._C", sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags)]
 
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     includes, libraries = _nvidia_wheel_dirs()
@@ -92,6 +99,7 @@ def _extensions():
             library_dirs=libraries,
             define_macros=[("POINTINS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     ]
 
