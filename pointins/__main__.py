@@ -1,0 +1,7 @@
+"""``python -m pointins``: the ``pointins`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
