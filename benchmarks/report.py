@@ -242,7 +242,7 @@ def write_plot(rows: list[dict], info: dict, directory: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("benchmarks: matplotlib is not installed; skipping the plot (pip install 'pointins[bench]')",
+        print("benchmarks: matplotlib is not installed; skipping the plot (pip install matplotlib)",
               file=sys.stderr)
         return []
     written = []

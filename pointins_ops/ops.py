@@ -131,7 +131,7 @@ def instance_aware_conv(templates: torch.Tensor, weight: torch.Tensor, bias: tor
 
     Differentiable w.r.t. templates, weight and bias (not twice). grad_templates[p] sums over the instances
     that use template p; unused templates get zeros. float16, bfloat16 and float32 accumulate in float32;
-    float64 runs on the CPU and torch backends.
+    float64 runs on the cpu, cuda and torch backends.
     """
     # Reading index values needs the data: under torch.compile, and while a CUDA graph is being captured,
     # the kernels check the range themselves.

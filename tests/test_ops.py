@@ -39,13 +39,16 @@ def test_edge_cases_match_conv2d(name, dtype, backend):
     check_case(_op(backend), EDGE_CASES[name], dtype)
 
 
-@pytest.mark.parametrize("formulation", reference.FORMULATIONS)
-@pytest.mark.parametrize("name", ["depthwise", "stride-dilation", "unused-templates", "1x1-wide", "empty-N"])
+# einsum_1x1 only serves 1x1 kernels: it is paired with the 1x1 cases only.
+FORMULATION_CASES = [(formulation, name) for formulation in reference.FORMULATIONS
+                     for name in ("depthwise", "stride-dilation", "unused-templates", "1x1-wide", "int32-index",
+                                  "padding-only-output", "empty-N")
+                     if formulation != "einsum_1x1" or EDGE_CASES[name].kernel == (1, 1)]
+
+
+@pytest.mark.parametrize("formulation,name", FORMULATION_CASES)
 def test_every_reference_formulation_matches_conv2d(formulation, name):
-    case = EDGE_CASES[name]
-    if formulation == "einsum_1x1" and case.kernel != (1, 1):
-        pytest.skip("einsum_1x1 only serves 1x1 kernels")
-    check_case(reference.FORMULATIONS[formulation], case, torch.float64)
+    check_case(reference.FORMULATIONS[formulation], EDGE_CASES[name], torch.float64)
 
 
 # Small shapes: gradcheck perturbs every input element, and the reference's grouped conv2d in float64 is slow.
