@@ -15,7 +15,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
-        items = tuple(value)
+        items = tuple(value) * 2 if len(value) == 1 else tuple(value)  # conv2d expands a single value too
     else:
         items = (value, value)
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
@@ -111,8 +111,7 @@ def check_instance_aware_conv_inputs(templates, weight, bias, index, stride, pad
         if index.dim() != 1 or index.shape[0] != N:
             raise ValueError(f"instance_aware_conv: index must have shape (N,) = ({N},); got {tuple(index.shape)}")
         if check_index_values and N > 0:
-            low, high = torch.aminmax(index)
-            low, high = int(low), int(high)
+            low, high = torch.stack(torch.aminmax(index)).tolist()  # one device sync
             if low < 0 or high >= P:
                 bad = low if low < 0 else high
                 raise IndexError(f"instance_aware_conv: index values must lie in [0, P) = [0, {P}); got {bad}")

@@ -69,10 +69,10 @@ def _warn_fallback(device: torch.device) -> None:
         reason = f" ({_C_IMPORT_ERROR})" if _C_IMPORT_ERROR is not None else ""
         warnings.warn(f"pointins_ops: no compiled kernel for {device.type} tensors{reason}; falling back to the "
                       "pure-PyTorch reference (backend='torch'). Build the extension (see README) for speed.",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
         if backend not in BACKENDS:
@@ -87,7 +87,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             if _has_compiled_kernel("CUDA"):
                 return "cuda"
-            if _triton_serves(device):
+            if _triton_serves(device) and dtype != torch.float64:
                 return "triton"
         _warn_fallback(device)
         return "torch"
@@ -100,9 +100,13 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             why = (f"the compiled extension failed to import: {_C_IMPORT_ERROR}" if _C is None else
                    "the extension was built without CUDA (rebuild with FORCE_CUDA=1, see README)")
             raise RuntimeError(f"instance_aware_conv: backend={backend!r} is not available: {why}")
-    elif backend == "triton" and not _triton_serves(device):
-        raise RuntimeError(f"instance_aware_conv: backend='triton' cannot run tensors on {device}: Triton needs a "
-                           "CUDA device, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
+    elif backend == "triton":
+        if dtype == torch.float64:
+            raise TypeError("instance_aware_conv: backend='triton' supports float16, bfloat16 and float32; got "
+                            "torch.float64 (use backend='cuda', 'cpu' or 'torch')")
+        if not _triton_serves(device):
+            raise RuntimeError(f"instance_aware_conv: backend='triton' cannot run tensors on {device}: Triton needs "
+                               "a CUDA device, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
     return backend
 
 
@@ -131,15 +135,16 @@ def instance_aware_conv(templates: torch.Tensor, weight: torch.Tensor, bias: tor
 
     Differentiable w.r.t. templates, weight and bias (not twice). grad_templates[p] sums over the instances
     that use template p; unused templates get zeros. float16, bfloat16 and float32 accumulate in float32;
-    float64 runs on the cpu, cuda and torch backends.
+    float64 runs on the cpu, cuda and torch backends ("auto" never picks Triton for it).
     """
-    # Reading index values needs the data: under torch.compile, and while a CUDA graph is being captured,
-    # the kernels check the range themselves.
+    # Reading index values needs the data, so under torch.compile and while a CUDA graph is being captured
+    # the host check is skipped: the C++ CPU kernel then raises, the CUDA and Triton kernels never read an
+    # out-of-range template and fill that instance's output rows with NaN.
     check_values = not torch.compiler.is_compiling() and not (
         isinstance(templates, torch.Tensor) and templates.is_cuda and torch.cuda.is_current_stream_capturing())
     stride, padding, dilation, groups = check_instance_aware_conv_inputs(
         templates, weight, bias, index, stride, padding, dilation, groups, check_index_values=check_values)
-    chosen = _resolve_backend(backend, templates.device)
+    chosen = _resolve_backend(backend, templates.device, templates.dtype)
     if chosen in ("cpu", "cuda"):
         return torch.ops.pointins_ops.instance_aware_conv(templates, weight, bias, index, stride, padding, dilation,
                                                           groups)

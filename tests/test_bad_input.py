@@ -154,3 +154,16 @@ def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
     assert first.shape == second.shape == (5, 2, 6, 6)
     with pytest.raises(RuntimeError, match=r"backend='cpu' is not available"):
         call("cpu")
+
+
+def test_triton_backend_refuses_float64():
+    args = good()
+    with pytest.raises(TypeError, match=r"backend='triton' supports float16, bfloat16 and float32; got torch.float64"):
+        instance_aware_conv(args["templates"].double(), args["weight"].double(), None, args["index"],
+                            padding=1, groups=2, backend="triton")
+
+
+def test_single_element_sequences_expand_like_conv2d():
+    fixed = {k: good()[k] for k in ("templates", "weight", "bias", "index")}
+    expected = call("cpu", stride=2, padding=1, **fixed)
+    assert torch.equal(call("cpu", stride=[2], padding=(1,), **fixed), expected)

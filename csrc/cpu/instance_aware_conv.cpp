@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t kPixelTile = 256;         // output pixels per column tile
 constexpr int64_t kInstancesPerChunk = 8;   // instances of one template handled by one work unit
 constexpr int64_t kGradColumnRows = 72;     // rows (channel x kernel tap) of one grad_templates work unit
+constexpr int64_t kReductionRows = 256;     // grad_output rows gathered at once for grad_templates
 constexpr int64_t kTaskFlops = 1 << 18;     // least work (multiply-adds) worth handing to another thread
 
 // The grain for at::parallel_for: small problems run on the calling thread instead of paying for a
@@ -364,14 +365,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
         }
         const int64_t units_per_template = g.groups * blocks_per_group;
         const int64_t block_rows = cpu::round_up(channels_per_block * area, cpu::kTileRows);
-        const int64_t max_reduction = max_instances * g.C_out_per_group;
+        // The reduction (every channel of every instance of p) runs in pieces of kReductionRows rows, so a
+        // thread's scratch stays small however many instances share a template; the accumulator carries over
+        // between pieces, so the order of the sum is the same as in one pass.
+        const int64_t max_piece = std::min(max_instances * g.C_out_per_group, kReductionRows);
         scalar_t* gt = grad_templates.mutable_data_ptr<scalar_t>();
         const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(used_templates.size(), 1)) *
                                    g.C_out_per_group * channels_per_block * area * pixels;
         at::parallel_for(
             0, static_cast<int64_t>(used_templates.size()) * units_per_template, grain_for(unit_flops),
             [&](int64_t begin, int64_t end) {
-              std::vector<acc_t> packed(block_rows * max_reduction), grad_rows(max_reduction * max_tile);
+              std::vector<acc_t> packed(block_rows * max_piece), grad_rows(max_piece * max_tile);
               std::vector<acc_t> grad_columns(block_rows * max_tile), grad_tpl;
               std::vector<const scalar_t*> weight_rows, grad_output_rows;
               for (int64_t unit = begin; unit < end; ++unit) {
@@ -385,19 +389,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
                                         g.C_out_per_group,      g.C_out};
                 const int64_t M = channels * area;
                 rows.row_pointers(w, K, c_local * area, weight_rows);
-                cpu::pack_transposed(weight_rows.data(), M, rows.rows(), packed.data());
                 grad_tpl.assign(channels * g.H * g.W, acc_t(0));
                 for (int64_t j0 = 0; j0 < pixels; j0 += kPixelTile) {
                   const int64_t tile = std::min(kPixelTile, pixels - j0);
-                  // grad_output rows of p's instances, gathered (and widened) into one contiguous operand.
                   rows.row_pointers(go, pixels, j0, grad_output_rows);
-                  for (int64_t r = 0; r < rows.rows(); ++r) {
-                    const scalar_t* src = grad_output_rows[r];
-                    acc_t* dst = grad_rows.data() + r * tile;
-                    for (int64_t t = 0; t < tile; ++t) dst[t] = static_cast<acc_t>(src[t]);
+                  for (int64_t r0 = 0; r0 < rows.rows(); r0 += kReductionRows) {
+                    const int64_t piece = std::min(kReductionRows, rows.rows() - r0);
+                    cpu::pack_transposed(weight_rows.data() + r0, M, piece, packed.data());
+                    // grad_output rows of the piece, gathered (and widened) into one contiguous operand.
+                    for (int64_t r = 0; r < piece; ++r) {
+                      const scalar_t* src = grad_output_rows[r0 + r];
+                      acc_t* dst = grad_rows.data() + r * tile;
+                      for (int64_t t = 0; t < tile; ++t) dst[t] = static_cast<acc_t>(src[t]);
+                    }
+                    cpu::tile_gemm(packed.data(), grad_rows.data(), grad_columns.data(), row_blocks(M), tile, piece,
+                                   tile, tile, r0 > 0);
                   }
-                  cpu::tile_gemm(packed.data(), grad_rows.data(), grad_columns.data(), row_blocks(M), tile, rows.rows(),
-                                 tile, tile, false);
                   scatter_column_tile(grad_columns.data(), g, c_begin, c_begin + channels, j0, tile, tile,
                                       grad_tpl.data());
                 }
