@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from . import reference
-from ._registration import register_conv_autograd, register_fakes
+from ._registration import register_fakes
 from .checks import check_instance_aware_conv_inputs
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
@@ -21,9 +21,8 @@ except ImportError as error:  # the package was installed without building its e
     _C_IMPORT_ERROR = error
 else:
     _C_IMPORT_ERROR = None
+    # Autograd of the compiled op is registered in C++ (csrc/autograd/); the fakes are shape functions.
     register_fakes("pointins_ops::instance_aware_conv", "pointins_ops::instance_aware_conv_backward")
-    register_conv_autograd("pointins_ops::instance_aware_conv",
-                           torch.ops.pointins_ops.instance_aware_conv_backward.default)
 
 
 # Fixed once the library is loaded; kept as plain data so torch.compile traces the backend choice freely.
