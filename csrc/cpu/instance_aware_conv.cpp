@@ -26,6 +26,7 @@
 // accumulation type; grad_weight's chunk partials add (chunks - 1) copies of grad_weight and grad_bias in the
 // accumulation type when a template's pixels are split (more than kChunkPixels of them).
 #include "../instance_aware_conv.h"
+#include "convert.h"
 #include "gemm.h"
 
 #include <ATen/ATen.h>
@@ -41,7 +42,12 @@
 namespace pointins_ops {
 namespace {
 
-using cpu::Gemm;
+using cpu::columns_of;
+using cpu::from_acc;
+using cpu::load_row;
+using cpu::store_row;
+using cpu::to_acc;
+using cpu::rows_of;
 using cpu::Scratch;
 
 constexpr int64_t kRowBlock = 256;        // GEMM rows (instance x channel) per product
@@ -50,6 +56,8 @@ constexpr int64_t kChunkPixels = 4096;    // grad_weight reduces at most this ma
 constexpr int64_t kColumnRows = 256;      // rows of grad_columns (channels x taps) per grad_templates unit
 constexpr int64_t kTaskFlops = 1 << 17;   // least work (multiply-adds) worth handing to another thread
 constexpr int64_t kLanes = 16;            // fixed-width partial sums for the reductions the GEMM does not do
+constexpr int64_t kFarRows = 16384;       // template channels more elements apart than this are packed first ...
+constexpr int64_t kFarPixelTile = 2048;   // ... and read in tiles of up to this many pixels
 
 // The grain for at::parallel_for: small problems run on the calling thread instead of paying for a
 // parallel region.
@@ -175,9 +183,11 @@ struct PixelSpace {
 // Positions per column tile: at most kPixelTile, fewer for long reductions so a packed tile stays in L2; a
 // span of at most 1.5 tiles is one tile. A multiple of 32 otherwise (the AMX kernel's block), so
 // grad_weight's sums over positions group identically whatever the tile.
-int64_t pixel_tile(const ConvGeometry& g, int64_t span) {
-  const int64_t long_reduction = 65536 / std::max<int64_t>(g.reduction_per_group(), 1) / 32 * 32;
-  const int64_t tile = std::max<int64_t>(32, std::min<int64_t>(kPixelTile, long_reduction));
+int64_t pixel_tile(const ConvGeometry& g, int64_t span, bool far) {
+  // Channels far apart are read in longer runs (up to kFarPixelTile) so each run streams a few pages.
+  const int64_t budget = far ? 262144 : 65536, cap = far ? kFarPixelTile : kPixelTile;
+  const int64_t long_reduction = budget / std::max<int64_t>(g.reduction_per_group(), 1) / 32 * 32;
+  const int64_t tile = std::max<int64_t>(32, std::min<int64_t>(cap, long_reduction));
   return span <= tile + tile / 2 ? span : tile;
 }
 
@@ -264,6 +274,7 @@ template <typename scalar_t>
 struct ColumnTile {
   std::vector<const scalar_t*> rows;
   int64_t offset = 0;
+  bool far = false;  // rows of a large template, far apart in memory (see cpu::Operand)
   Scratch<scalar_t> buffer;
 
   void build(const scalar_t* tpl_p, const at::Tensor& templates, const ConvGeometry& g, const PixelSpace& space,
@@ -271,6 +282,7 @@ struct ColumnTile {
     const int64_t K = g.reduction_per_group(), area = g.kernel_area();
     const int64_t c_begin = gi * g.C_in_per_group;
     rows.resize(K);
+    far = false;
     if (!space.planes) {
       scalar_t* data = buffer.resize(K * T);
       build_column_tile(tpl_p, templates.strides(), g, c_begin, c_begin + g.C_in_per_group, q0, T, data);
@@ -281,6 +293,7 @@ struct ColumnTile {
     const scalar_t* base = tpl_p + c_begin * templates.stride(1);
     int64_t channel_step = templates.stride(1);
     offset = q0;
+    far = !space.padded && channel_step > kFarRows;
     if (space.padded) {  // the padded rows this tile reads, in its own buffer
       const int64_t first = q0 / space.pitch;
       const int64_t last = std::min(space.height, (q0 + T - 1) / space.pitch + (g.kH - 1) * g.dilation_h + 1);
@@ -367,11 +380,6 @@ acc_t reduce_lanes(const acc_t* lanes) {  // a fixed tree over kLanes partial su
   return level[0];
 }
 
-template <typename scalar_t, typename acc_t>
-void store_row(const acc_t* __restrict__ src, acc_t shift, int64_t length, scalar_t* __restrict__ dst) {
-  for (int64_t t = 0; t < length; ++t) dst[t] = static_cast<scalar_t>(src[t] + shift);
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // GEMM kernels.
 
@@ -387,7 +395,7 @@ struct GemmPlan {
       : space(g, templates),
         K(g.reduction_per_group()),
         pixels(g.output_pixels()),
-        tile(pixel_tile(g, space.span)),
+        tile(pixel_tile(g, space.span, space.planes && !space.padded && templates.stride(1) > kFarRows)),
         tiles((space.span + tile - 1) / tile),
         isa(cpu::active_isa()) {}
 };
@@ -403,7 +411,7 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
   const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
                              g.C_out_per_group * plan.K * plan.tile;
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    Gemm<scalar_t> gemm(plan.isa);
+    cpu::GemmScratch scratch;
     ColumnTile<scalar_t> columns;
     Scratch<acc_t> product;
     std::vector<const scalar_t*> weight_rows;
@@ -415,19 +423,18 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
       const int64_t q0 = (unit % plan.tiles) * plan.tile;
       const int64_t T = std::min(plan.tile, space.span - q0);
       columns.build(tpl + p * templates.stride(0), templates, g, space, gi, q0, T);
-      gemm.pack_b_rows(columns.rows.data(), columns.offset, plan.K, T);
       space.runs(q0, q0 + T, runs);
       const BucketRows rows{buckets, g, p, gi};
-      const int64_t ldc = gemm.padded_n(T);
+      const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
       for (int64_t m0 = 0; m0 < rows.count(); m0 += kRowBlock) {
         const int64_t M = std::min(kRowBlock, rows.count() - m0);
         rows.pointers(w, plan.K, m0, M, weight_rows);
-        gemm.pack_a_rows(weight_rows.data(), 0, M, plan.K);
-        acc_t* c = product.resize(gemm.padded_m(M) * ldc);
-        gemm.run(c, ldc, false);
+        acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
+        cpu::gemm(plan.isa, rows_of(weight_rows.data()), rows_of(columns.rows.data(), columns.offset, columns.far), M, T,
+                  plan.K, c, ldc, false, scratch);
         for (int64_t m = 0; m < M; ++m) {
           const int64_t row = rows.row(m0 + m);
-          const acc_t shift = b ? static_cast<acc_t>(b[row]) : acc_t(0);
+          const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
           const acc_t* src = c + m * ldc - q0;
           scalar_t* dst = out + row * plan.pixels;
           for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
@@ -467,7 +474,7 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
   const int64_t units = static_cast<int64_t>(blocks.size()) * chunks;
   const int64_t unit_flops = kRowBlock * K * std::min(space.span, kChunkPixels);
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    Gemm<scalar_t> gemm(plan.isa);
+    cpu::GemmScratch scratch;
     ColumnTile<scalar_t> columns;
     GradTile<scalar_t> grads;
     Scratch<acc_t> product;
@@ -478,8 +485,11 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
       const Block& block = blocks[unit / chunks];
       const int64_t chunk = unit % chunks;
       const BucketRows rows{buckets, g, block.p, block.gi};
-      const int64_t ldc = gemm.padded_n(K);
-      acc_t* c = product.resize(gemm.padded_m(block.M) * ldc);
+      // C = grad_out x columns^T, or its transpose when the block has fewer rows than K: either way one operand
+      // is read transposed, and the smaller one is.
+      const bool transposed = block.M < K;
+      const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, transposed ? block.M : K);
+      acc_t* c = product.resize(cpu::padded_m(plan.isa, transposed ? K : block.M) * ldc);
       const int64_t first_tile = chunk * tiles_per_chunk;
       const int64_t last_tile = std::min(plan.tiles, first_tile + tiles_per_chunk);
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
@@ -487,9 +497,13 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
         const int64_t T = std::min(plan.tile, space.span - q0);
         columns.build(tpl + block.p * templates.stride(0), templates, g, space, block.gi, q0, T);
         grads.build(go, rows, plan.pixels, space, block.m0, block.M, q0, T);
-        gemm.pack_a_rows(grads.rows.data(), grads.offset, block.M, T);
-        gemm.pack_b_columns(columns.rows.data(), columns.offset, T, K);
-        gemm.run(c, ldc, tile > first_tile);
+        if (transposed) {
+          cpu::gemm(plan.isa, rows_of(columns.rows.data(), columns.offset), columns_of(grads.rows.data(), grads.offset),
+                    K, block.M, T, c, ldc, tile > first_tile, scratch);
+        } else {
+          cpu::gemm(plan.isa, rows_of(grads.rows.data(), grads.offset), columns_of(columns.rows.data(), columns.offset),
+                    block.M, K, T, c, ldc, tile > first_tile, scratch);
+        }
       }
       // grad_bias over the chunk's output pixels, in lanes by pixel.
       const int64_t pixel_begin = space.pixel_at(first_tile * plan.tile);
@@ -499,18 +513,26 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
       for (int64_t m = 0; m < block.M; ++m) {
         const scalar_t* grad_row = grad_rows[m];
         add_to_lanes(pixel_begin, pixel_end, lanes.data() + m * kLanes,
-                     [&](int64_t t) { return static_cast<acc_t>(grad_row[t]); });
+                     [&](int64_t t) { return to_acc(grad_row[t]); });
       }
       for (int64_t m = 0; m < block.M; ++m) {
         const int64_t row = rows.row(block.m0 + m);
-        const acc_t* src = c + m * ldc;
         const acc_t bias_sum = reduce_lanes(lanes.data() + m * kLanes);
+        acc_t* dst_partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
+        if (transposed) {
+          for (int64_t k = 0; k < K; ++k) {
+            const acc_t value = c[k * ldc + m];
+            if (dst_partial) dst_partial[k] = value; else gw[row * K + k] = from_acc<scalar_t>(value);
+          }
+        } else if (dst_partial) {
+          std::copy(c + m * ldc, c + m * ldc + K, dst_partial);
+        } else {
+          store_row(c + m * ldc, acc_t(0), K, gw + row * K);
+        }
         if (chunks > 1) {
-          std::copy(src, src + K, partial_w.data() + (chunk * rows_total + row) * K);
           partial_b[chunk * rows_total + row] = bias_sum;
         } else {
-          store_row(src, acc_t(0), K, gw + row * K);
-          gb[row] = static_cast<scalar_t>(bias_sum);
+          gb[row] = from_acc<scalar_t>(bias_sum);
         }
       }
     }
@@ -522,11 +544,11 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
       for (int64_t k = 0; k < K; ++k) {
         acc_t sum = partial_w[row * K + k];
         for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
-        gw[row * K + k] = static_cast<scalar_t>(sum);
+        gw[row * K + k] = from_acc<scalar_t>(sum);
       }
       acc_t sum = partial_b[row];
       for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
-      gb[row] = static_cast<scalar_t>(sum);
+      gb[row] = from_acc<scalar_t>(sum);
     }
   });
 }
@@ -553,7 +575,7 @@ void grad_templates_gemm(const at::Tensor& templates, const scalar_t* w, const s
   at::parallel_for(
       0, static_cast<int64_t>(buckets.used.size()) * units_per_template, grain_for(unit_flops),
       [&](int64_t unit_begin, int64_t unit_end) {
-        Gemm<scalar_t> gemm(plan.isa);
+        cpu::GemmScratch scratch;
         GradTile<scalar_t> grads;
         Scratch<acc_t> product;
         std::vector<acc_t> grad_tpl;
@@ -574,15 +596,14 @@ void grad_templates_gemm(const at::Tensor& templates, const scalar_t* w, const s
           for (int64_t tile = first_tile; tile < last_tile; ++tile) {
             const int64_t q0 = tile * plan.tile;
             const int64_t T = std::min(plan.tile, space.span - q0);
-            const int64_t ldc = gemm.padded_n(T);
-            acc_t* c = product.resize(gemm.padded_m(M) * ldc);
+            const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
+            acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
             for (int64_t r0 = 0; r0 < rows.count(); r0 += kRowBlock) {
               const int64_t R = std::min(kRowBlock, rows.count() - r0);
               rows.pointers(w, plan.K, r0, R, weight_rows);
               grads.build(go, rows, plan.pixels, space, r0, R, q0, T);
-              gemm.pack_a_columns(weight_rows.data(), c_local * area, M, R);
-              gemm.pack_b_rows(grads.rows.data(), grads.offset, R, T);
-              gemm.run(c, ldc, r0 > 0);
+              cpu::gemm(plan.isa, columns_of(weight_rows.data(), c_local * area), rows_of(grads.rows.data(), grads.offset),
+                        M, T, R, c, ldc, r0 > 0, scratch);
             }
             if (direct) {
               for (int64_t ci = 0; ci < channels; ++ci) {
@@ -649,7 +670,11 @@ void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeom
   std::fill(dst, dst + plane.PH * plane.PW, acc_t(0));
   for (int64_t ih = 0; ih < g.H; ++ih) {
     acc_t* row = dst + (ih + g.pad_h) * plane.PW + g.pad_w;
-    for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = static_cast<acc_t>(channel[ih * sh + iw * sw]);
+    if (sw == 1) {
+      load_row(channel + ih * sh, g.W, row);
+    } else {
+      for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = to_acc(channel[ih * sh + iw * sw]);
+    }
   }
 }
 
@@ -676,20 +701,18 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
         for (int64_t j = 0; j < multiplier; ++j) {
           const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
           const scalar_t* taps = w + row * area;
-          const acc_t shift = b ? static_cast<acc_t>(b[row]) : acc_t(0);
+          const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
           scalar_t* dst = out + row * pixels;
           if (plane.extended) {
             std::fill(acc.begin(), acc.end(), shift);
             for (int64_t kh = 0; kh < g.kH; ++kh) {
               for (int64_t kw = 0; kw < g.kW; ++kw) {
-                const acc_t weight = static_cast<acc_t>(taps[kh * g.kW + kw]);
+                const acc_t weight = to_acc(taps[kh * g.kW + kw]);
                 const acc_t* src = padded.data() + plane.tap_offset(g, kh, kw);
                 for (int64_t q = 0; q < plane.span; ++q) acc[q] += weight * src[q];
               }
             }
-            for (int64_t oh = 0; oh < g.H_out; ++oh) {
-              for (int64_t ow = 0; ow < g.W_out; ++ow) dst[oh * g.W_out + ow] = static_cast<scalar_t>(acc[oh * plane.PW + ow]);
-            }
+            for (int64_t oh = 0; oh < g.H_out; ++oh) store_row(acc.data() + oh * plane.PW, acc_t(0), g.W_out, dst + oh * g.W_out);
           } else {
             for (int64_t oh = 0; oh < g.H_out; ++oh) {
               for (int64_t ow = 0; ow < g.W_out; ++ow) {
@@ -697,10 +720,10 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
                 const acc_t* src = padded.data() + plane.input_offset(g, oh, ow);
                 for (int64_t kh = 0; kh < g.kH; ++kh) {
                   for (int64_t kw = 0; kw < g.kW; ++kw) {
-                    sum += static_cast<acc_t>(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
+                    sum += to_acc(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
                   }
                 }
-                dst[oh * g.W_out + ow] = static_cast<scalar_t>(sum);
+                dst[oh * g.W_out + ow] = from_acc<scalar_t>(sum);
               }
             }
           }
@@ -740,23 +763,21 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
           const scalar_t* grad_row = go + row * pixels;
           // grad_bias: lanes by pixel, then a fixed tree.
           std::fill(lanes, lanes + kLanes, acc_t(0));
-          add_to_lanes(0, pixels, lanes, [&](int64_t t) { return static_cast<acc_t>(grad_row[t]); });
-          gb[row] = static_cast<scalar_t>(reduce_lanes(lanes));
+          add_to_lanes(0, pixels, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
+          gb[row] = from_acc<scalar_t>(reduce_lanes(lanes));
           if (plane.extended) {
             // grad_output in extended rows (unused columns zero), then per tap one dot product (grad_weight) and
             // one multiply-add back onto the padded plane (grad_templates).
             std::fill(grad.begin(), grad.end(), acc_t(0));
-            for (int64_t oh = 0; oh < g.H_out; ++oh) {
-              for (int64_t ow = 0; ow < g.W_out; ++ow) grad[oh * plane.PW + ow] = static_cast<acc_t>(grad_row[oh * g.W_out + ow]);
-            }
+            for (int64_t oh = 0; oh < g.H_out; ++oh) load_row(grad_row + oh * g.W_out, g.W_out, grad.data() + oh * plane.PW);
             for (int64_t kh = 0; kh < g.kH; ++kh) {
               for (int64_t kw = 0; kw < g.kW; ++kw) {
                 const int64_t shift = plane.tap_offset(g, kh, kw);
                 const acc_t* src = padded.data() + shift;
                 std::fill(lanes, lanes + kLanes, acc_t(0));
                 add_to_lanes(0, plane.span, lanes, [&](int64_t q) { return grad[q] * src[q]; });
-                gw[row * area + kh * g.kW + kw] = static_cast<scalar_t>(reduce_lanes(lanes));
-                const acc_t weight = static_cast<acc_t>(taps[kh * g.kW + kw]);
+                gw[row * area + kh * g.kW + kw] = from_acc<scalar_t>(reduce_lanes(lanes));
+                const acc_t weight = to_acc(taps[kh * g.kW + kw]);
                 acc_t* dst = grad_padded.data() + shift;
                 for (int64_t q = 0; q < plane.span; ++q) dst[q] += weight * grad[q];
               }
@@ -765,17 +786,17 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
             for (int64_t kh = 0; kh < g.kH; ++kh) {
               for (int64_t kw = 0; kw < g.kW; ++kw) {
                 const int64_t shift = plane.tap_offset(g, kh, kw);
-                const acc_t weight = static_cast<acc_t>(taps[kh * g.kW + kw]);
+                const acc_t weight = to_acc(taps[kh * g.kW + kw]);
                 std::fill(lanes, lanes + kLanes, acc_t(0));
                 for (int64_t oh = 0; oh < g.H_out; ++oh) {
                   for (int64_t ow = 0; ow < g.W_out; ++ow) {
                     const int64_t at = plane.input_offset(g, oh, ow) + shift;
-                    const acc_t grad_value = static_cast<acc_t>(grad_row[oh * g.W_out + ow]);
+                    const acc_t grad_value = to_acc(grad_row[oh * g.W_out + ow]);
                     lanes[(oh * g.W_out + ow) % kLanes] += grad_value * padded[at];
                     grad_padded[at] += weight * grad_value;
                   }
                 }
-                gw[row * area + kh * g.kW + kw] = static_cast<scalar_t>(reduce_lanes(lanes));
+                gw[row * area + kh * g.kW + kw] = from_acc<scalar_t>(reduce_lanes(lanes));
               }
             }
           }
@@ -783,8 +804,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
       }
       scalar_t* dst = gt + (p * g.C_in + c) * g.H * g.W;
       for (int64_t ih = 0; ih < g.H; ++ih) {
-        const acc_t* src = grad_padded.data() + (ih + g.pad_h) * plane.PW + g.pad_w;
-        for (int64_t iw = 0; iw < g.W; ++iw) dst[ih * g.W + iw] = static_cast<scalar_t>(src[iw]);
+        store_row(grad_padded.data() + (ih + g.pad_h) * plane.PW + g.pad_w, acc_t(0), g.W, dst + ih * g.W);
       }
     }
     });
