@@ -74,7 +74,8 @@ def _extensions():
         _locate_cuda_home()  # before torch.utils.cpp_extension reads it
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = (sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+               + sorted(glob.glob("csrc/autocast/*.cpp")))
     cxx_flags = ["-O3", "-fdiagnostics-color=always"]
     link_flags = []
     if sys.platform.startswith("linux"):

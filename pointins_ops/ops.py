@@ -9,6 +9,7 @@ import torch
 
 from . import reference
 from ._registration import register_conv_autograd, register_fakes
+from .autocast import autocast_inputs
 from .checks import check_instance_aware_conv_inputs
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
@@ -142,6 +143,7 @@ def instance_aware_conv(templates: torch.Tensor, weight: torch.Tensor, bias: tor
     # out-of-range template and fill that instance's output rows with NaN.
     check_values = not torch.compiler.is_compiling() and not (
         isinstance(templates, torch.Tensor) and templates.is_cuda and torch.cuda.is_current_stream_capturing())
+    templates, weight, bias = autocast_inputs(templates, weight, bias)  # as F.conv2d's; a no-op outside autocast
     stride, padding, dilation, groups = check_instance_aware_conv_inputs(
         templates, weight, bias, index, stride, padding, dilation, groups, check_index_values=check_values)
     chosen = _resolve_backend(backend, templates.device, templates.dtype)
