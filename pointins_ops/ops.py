@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import export, reference
 from ._registration import register_conv_autograd, register_fakes
 from .autocast import autocast_inputs
 from .checks import check_instance_aware_conv_inputs
@@ -147,6 +147,9 @@ def instance_aware_conv(templates: torch.Tensor, weight: torch.Tensor, bias: tor
     stride, padding, dilation, groups = check_instance_aware_conv_inputs(
         templates, weight, bias, index, stride, padding, dilation, groups, check_index_values=check_values)
     chosen = _resolve_backend(backend, templates.device, templates.dtype)
+    if not check_values and export.is_onnx_exporting():  # standard ONNX ops, dynamic sizes (see export.py)
+        return export.instance_aware_conv_exportable(templates, weight, bias, index, stride=stride, padding=padding,
+                                                     dilation=dilation, groups=groups)
     if chosen in ("cpu", "cuda"):
         return torch.ops.pointins_ops.instance_aware_conv(templates, weight, bias, index, stride, padding, dilation,
                                                           groups)
