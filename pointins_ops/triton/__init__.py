@@ -21,6 +21,11 @@ except ImportError:  # Triton is not installed
 AVAILABLE = _kernels is not None
 INTERPRET = AVAILABLE and _kernels.INTERPRET
 
+if AVAILABLE:  # under torch.autocast, cast the inputs as F.conv2d's (see pointins_ops/autocast.py)
+    from ..autocast import register_autocast
+
+    register_autocast(_kernels.FORWARD_OP)
+
 
 def serves(device) -> bool:
     """Whether the Triton kernels can run tensors on ``device``."""
