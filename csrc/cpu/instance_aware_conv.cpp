@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -48,6 +49,7 @@ using cpu::load_row;
 using cpu::store_row;
 using cpu::to_acc;
 using cpu::rows_of;
+using cpu::round_up;
 using cpu::Scratch;
 
 constexpr int64_t kRowBlock = 256;        // GEMM rows (instance x channel) per product
@@ -370,12 +372,17 @@ void add_to_lanes(int64_t begin, int64_t end, acc_t* lanes, Value&& value) {
   for (; q < end; ++q) lanes[q % kLanes] += value(q);
 }
 
+// A fixed tree over kLanes partial sums: level[i] + level[i + width] for width 8, 4, 2, 1, done in one vector
+// register per level.
 template <typename acc_t>
-acc_t reduce_lanes(const acc_t* lanes) {  // a fixed tree over kLanes partial sums
-  acc_t level[kLanes];
-  std::copy(lanes, lanes + kLanes, level);
+acc_t reduce_lanes(const acc_t* lanes) {
+  typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
+  Lanes level;
+  std::memcpy(&level, lanes, sizeof(Lanes));
   for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
-    for (int64_t i = 0; i < width; ++i) level[i] = level[i] + level[i + width];
+    Lanes upper{};
+    for (int64_t i = 0; i < width; ++i) upper[i] = level[i + width];
+    level = level + upper;
   }
   return level[0];
 }
@@ -442,6 +449,24 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
       }
     }
     });
+  });
+}
+
+// grad_weight and grad_bias from per-chunk partial sums, added in chunk order.
+template <typename scalar_t, typename acc_t>
+void add_chunk_partials(const std::vector<acc_t>& partial_w, const std::vector<acc_t>& partial_b, int64_t chunks,
+                        int64_t rows_total, int64_t K, scalar_t* gw, scalar_t* gb) {
+  at::parallel_for(0, rows_total, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t k = 0; k < K; ++k) {
+        acc_t sum = partial_w[row * K + k];
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
+        gw[row * K + k] = from_acc<scalar_t>(sum);
+      }
+      acc_t sum = partial_b[row];
+      for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
+      gb[row] = from_acc<scalar_t>(sum);
+    }
   });
 }
 
@@ -538,19 +563,7 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
     }
     });
   });
-  if (chunks == 1) return;
-  at::parallel_for(0, rows_total, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      for (int64_t k = 0; k < K; ++k) {
-        acc_t sum = partial_w[row * K + k];
-        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
-        gw[row * K + k] = from_acc<scalar_t>(sum);
-      }
-      acc_t sum = partial_b[row];
-      for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
-      gb[row] = from_acc<scalar_t>(sum);
-    }
-  });
+  if (chunks > 1) add_chunk_partials(partial_w, partial_b, chunks, rows_total, K, gw, gb);
 }
 
 // grad_templates: units are (used template, group, block of channels[, tile of positions when the columns are
@@ -637,25 +650,161 @@ void grad_templates_gemm(const at::Tensor& templates, const scalar_t* w, const s
       });
 }
 
+// The whole backward in one pass, when every template's rows fit one product (kRowBlock) and every group's
+// columns one grad_templates block (kColumnRows): each unit loads a tile of grad_output and of columns once and
+// uses it for both products, so grad_output and the templates are read once, not twice. Units are (used
+// template, group, chunk of positions); a template has several chunks only when its columns are its own 1x1
+// channels (grad_templates rows are then written per tile; otherwise they accumulate over the whole template).
+// Sums run in the same orders as the separate passes'.
+template <typename scalar_t>
+bool backward_fits_one_pass(const ConvGeometry& g, const TemplateBuckets& buckets) {
+  int64_t rows = 0;
+  for (int64_t p : buckets.used) rows = std::max(rows, buckets.count(p) * g.C_out_per_group);
+  return rows <= kRowBlock && g.reduction_per_group() <= kColumnRows;
+}
+
+template <typename scalar_t>
+void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const scalar_t* go, scalar_t* gt,
+                         scalar_t* gw, scalar_t* gb, const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GemmPlan plan(g, templates);
+  const PixelSpace& space = plan.space;
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t K = plan.K, area = g.kernel_area(), rows_total = g.N * g.C_out;
+  const int64_t plane = g.H * g.W, padded_plane = space.height * space.pitch;
+  const bool direct = space.planes && !space.padded && area == 1 && !space.gaps();
+  const int64_t tiles_per_chunk = direct ? std::max<int64_t>(1, kChunkPixels / plan.tile) : plan.tiles;
+  const int64_t chunks = (plan.tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  std::vector<acc_t> partial_w(chunks > 1 ? chunks * rows_total * K : 0);
+  std::vector<acc_t> partial_b(chunks > 1 ? chunks * rows_total : 0);
+  const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups * chunks;
+  const int64_t unit_flops = 2 * std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
+                             g.C_out_per_group * K * std::min(space.span, tiles_per_chunk * plan.tile);
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    cpu::GemmScratch scratch;
+    ColumnTile<scalar_t> columns;
+    GradTile<scalar_t> grads;
+    Scratch<acc_t> weight_product, column_product;
+    std::vector<acc_t> lanes, grad_tpl;
+    std::vector<const scalar_t*> weight_rows, grad_rows;
+    cpu::with_isa(plan.isa, [&] {
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / (g.groups * chunks)];
+        const int64_t gi = (unit / chunks) % g.groups;
+        const int64_t chunk = unit % chunks;
+        const BucketRows rows{buckets, g, p, gi};
+        const int64_t R = rows.count();
+        const int64_t c_begin = gi * g.C_in_per_group;
+        rows.pointers(w, K, 0, R, weight_rows);
+        // grad_weight as in grad_weight_gemm: transposed when the rows are fewer than K.
+        const bool transposed = R < K;
+        const int64_t ldw = cpu::padded_n<scalar_t>(plan.isa, transposed ? R : K);
+        acc_t* cw = weight_product.resize(cpu::padded_m(plan.isa, transposed ? K : R) * ldw);
+        if (!direct) grad_tpl.assign(g.C_in_per_group * (space.planes ? padded_plane : plane), acc_t(0));
+        const int64_t first_tile = chunk * tiles_per_chunk;
+        const int64_t last_tile = std::min(plan.tiles, first_tile + tiles_per_chunk);
+        for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+          const int64_t q0 = tile * plan.tile;
+          const int64_t T = std::min(plan.tile, space.span - q0);
+          columns.build(tpl + p * templates.stride(0), templates, g, space, gi, q0, T);
+          grads.build(go, rows, plan.pixels, space, 0, R, q0, T);
+          if (transposed) {
+            cpu::gemm(plan.isa, rows_of(columns.rows.data(), columns.offset),
+                      columns_of(grads.rows.data(), grads.offset), K, R, T, cw, ldw, tile > first_tile, scratch);
+          } else {
+            cpu::gemm(plan.isa, rows_of(grads.rows.data(), grads.offset),
+                      columns_of(columns.rows.data(), columns.offset), R, K, T, cw, ldw, tile > first_tile, scratch);
+          }
+          const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
+          acc_t* cc = column_product.resize(cpu::padded_m(plan.isa, K) * ldc);
+          cpu::gemm(plan.isa, columns_of(weight_rows.data()), rows_of(grads.rows.data(), grads.offset), K, T, R, cc, ldc,
+                    false, scratch);
+          if (direct) {
+            for (int64_t ci = 0; ci < g.C_in_per_group; ++ci) {
+              store_row(cc + ci * ldc, acc_t(0), T, gt + (p * g.C_in + c_begin + ci) * plane + q0);
+            }
+          } else if (space.planes) {
+            for (int64_t ci = 0, k = 0; ci < g.C_in_per_group; ++ci) {
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw, ++k) {
+                  acc_t* dst = grad_tpl.data() + ci * padded_plane + kh * g.dilation_h * space.pitch +
+                               kw * g.dilation_w + q0;
+                  const acc_t* src = cc + k * ldc;
+                  for (int64_t t = 0; t < T; ++t) dst[t] += src[t];
+                }
+              }
+            }
+          } else {
+            scatter_column_tile(cc, ldc, g, c_begin, c_begin + g.C_in_per_group, q0, T, grad_tpl.data());
+          }
+        }
+        // grad_bias over the chunk's output pixels, in lanes by pixel; then this unit's grad_weight rows.
+        const int64_t pixel_begin = space.pixel_at(first_tile * plan.tile);
+        const int64_t pixel_end = last_tile == plan.tiles ? plan.pixels : space.pixel_at(last_tile * plan.tile);
+        lanes.assign(R * kLanes, acc_t(0));
+        rows.pointers(go, plan.pixels, 0, R, grad_rows);
+        for (int64_t m = 0; m < R; ++m) {
+          const scalar_t* grad_row = grad_rows[m];
+          add_to_lanes(pixel_begin, pixel_end, lanes.data() + m * kLanes,
+                       [&](int64_t t) { return to_acc(grad_row[t]); });
+        }
+        for (int64_t m = 0; m < R; ++m) {
+          const int64_t row = rows.row(m);
+          const acc_t bias_sum = reduce_lanes(lanes.data() + m * kLanes);
+          acc_t* dst_partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
+          if (transposed) {
+            for (int64_t k = 0; k < K; ++k) {
+              const acc_t value = cw[k * ldw + m];
+              if (dst_partial) dst_partial[k] = value; else gw[row * K + k] = from_acc<scalar_t>(value);
+            }
+          } else if (dst_partial) {
+            std::copy(cw + m * ldw, cw + m * ldw + K, dst_partial);
+          } else {
+            store_row(cw + m * ldw, acc_t(0), K, gw + row * K);
+          }
+          if (chunks > 1) {
+            partial_b[chunk * rows_total + row] = bias_sum;
+          } else {
+            gb[row] = from_acc<scalar_t>(bias_sum);
+          }
+        }
+        if (direct) continue;
+        for (int64_t ci = 0; ci < g.C_in_per_group; ++ci) {
+          scalar_t* dst = gt + (p * g.C_in + c_begin + ci) * plane;
+          const acc_t* src = grad_tpl.data() + ci * (space.planes ? padded_plane : plane);
+          if (space.planes) src += g.pad_h * space.pitch + g.pad_w;
+          const int64_t src_pitch = space.planes ? space.pitch : g.W;
+          for (int64_t ih = 0; ih < g.H; ++ih) store_row(src + ih * src_pitch, acc_t(0), g.W, dst + ih * g.W);
+        }
+      }
+    });
+  });
+  if (chunks > 1) add_chunk_partials(partial_w, partial_b, chunks, rows_total, K, gw, gb);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Direct kernels for one input channel per group (depthwise and its channel multipliers).
 //
 // Per (used template, input channel): the channel zero-padded into a plane of pitch PW = W + 2 * pad_w; with
 // stride 1 an output row oh, tap (kh, kw) reads that plane at oh * PW + ow + kh * dilation_h * PW + kw *
 // dilation_w, so laying outputs out with the same pitch ("extended" rows, the last PW - W_out columns
-// unused) turns every tap into one contiguous multiply-add over H_out * PW values.
+// unused) turns every tap into one contiguous multiply-add over the span of extended outputs, shared by all of
+// the template's instances. Buffers carry kLanes elements of zero slack so the loops run in whole vectors.
 
 struct PaddedPlane {
-  int64_t PH, PW;  // padded height and width
-  int64_t span;    // extended outputs: (H_out - 1) * PW + W_out with stride 1
-  bool extended;   // stride 1 in both directions
+  int64_t PH, PW;   // padded height and width
+  int64_t span;     // extended outputs: (H_out - 1) * PW + W_out with stride 1
+  int64_t lanes;    // span rounded up to whole vectors
+  bool extended;    // stride 1 in both directions
 
   explicit PaddedPlane(const ConvGeometry& g)
       : PH(g.H + 2 * g.pad_h),
         PW(g.W + 2 * g.pad_w),
         span((g.H_out - 1) * PW + g.W_out),
+        lanes(round_up(span, kLanes)),
         extended(g.stride_h == 1 && g.stride_w == 1) {}
 
+  int64_t size() const { return PH * PW + kLanes; }  // with slack: a shifted whole-vector read stays inside
   int64_t tap_offset(const ConvGeometry& g, int64_t kh, int64_t kw) const {
     return kh * g.dilation_h * PW + kw * g.dilation_w;
   }
@@ -667,7 +816,7 @@ struct PaddedPlane {
 template <typename scalar_t, typename acc_t>
 void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeometry& g, const PaddedPlane& plane,
                  acc_t* dst) {
-  std::fill(dst, dst + plane.PH * plane.PW, acc_t(0));
+  std::fill(dst, dst + plane.size(), acc_t(0));
   for (int64_t ih = 0; ih < g.H; ++ih) {
     acc_t* row = dst + (ih + g.pad_h) * plane.PW + g.pad_w;
     if (sw == 1) {
@@ -676,6 +825,28 @@ void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeom
       for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = to_acc(channel[ih * sh + iw * sw]);
     }
   }
+}
+
+// Sums of x[q] * y[q] (or of x[q] alone, y null) over q < n (a multiple of kLanes), in kLanes lanes by q, then
+// a fixed tree: the same order whatever the instruction set.
+template <typename acc_t>
+acc_t dot_lanes(const acc_t* x, const acc_t* y, int64_t n) {
+  typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
+  Lanes sum{};
+  for (int64_t q = 0; q < n; q += kLanes) {
+    Lanes a;
+    std::memcpy(&a, x + q, sizeof(Lanes));
+    if (y != nullptr) {
+      Lanes b;
+      std::memcpy(&b, y + q, sizeof(Lanes));
+      sum += a * b;
+    } else {
+      sum += a;
+    }
+  }
+  acc_t lanes[kLanes];
+  std::memcpy(lanes, &sum, sizeof(Lanes));
+  return reduce_lanes(lanes);
 }
 
 template <typename scalar_t>
@@ -690,46 +861,52 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
                              area * pixels;
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    std::vector<acc_t> padded(plane.PH * plane.PW), acc(plane.extended ? plane.span : pixels);
+    std::vector<acc_t> padded(plane.size()), acc(plane.extended ? plane.lanes : pixels);
+    std::vector<scalar_t> narrow(plane.extended ? plane.lanes : 0);
     cpu::with_isa(isa, [&] {
-    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t p = buckets.used[unit / g.C_in];
-      const int64_t c = unit % g.C_in;
-      load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
-                  g, plane, padded.data());
-      for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
-        for (int64_t j = 0; j < multiplier; ++j) {
-          const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
-          const scalar_t* taps = w + row * area;
-          const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
-          scalar_t* dst = out + row * pixels;
-          if (plane.extended) {
-            std::fill(acc.begin(), acc.end(), shift);
-            for (int64_t kh = 0; kh < g.kH; ++kh) {
-              for (int64_t kw = 0; kw < g.kW; ++kw) {
-                const acc_t weight = to_acc(taps[kh * g.kW + kw]);
-                const acc_t* src = padded.data() + plane.tap_offset(g, kh, kw);
-                for (int64_t q = 0; q < plane.span; ++q) acc[q] += weight * src[q];
-              }
-            }
-            for (int64_t oh = 0; oh < g.H_out; ++oh) store_row(acc.data() + oh * plane.PW, acc_t(0), g.W_out, dst + oh * g.W_out);
-          } else {
-            for (int64_t oh = 0; oh < g.H_out; ++oh) {
-              for (int64_t ow = 0; ow < g.W_out; ++ow) {
-                acc_t sum = shift;
-                const acc_t* src = padded.data() + plane.input_offset(g, oh, ow);
-                for (int64_t kh = 0; kh < g.kH; ++kh) {
-                  for (int64_t kw = 0; kw < g.kW; ++kw) {
-                    sum += to_acc(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
-                  }
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / g.C_in];
+        const int64_t c = unit % g.C_in;
+        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2),
+                    templates.stride(3), g, plane, padded.data());
+        for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
+          for (int64_t j = 0; j < multiplier; ++j) {
+            const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
+            const scalar_t* taps = w + row * area;
+            const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
+            scalar_t* dst = out + row * pixels;
+            if (plane.extended) {
+              std::fill(acc.begin(), acc.end(), shift);
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw) {
+                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
+                  const acc_t* src = padded.data() + plane.tap_offset(g, kh, kw);
+                  for (int64_t q = 0; q < plane.lanes; ++q) acc[q] += weight * src[q];
                 }
-                dst[oh * g.W_out + ow] = from_acc<scalar_t>(sum);
               }
+              // Narrowed over the whole span at once (whole vectors), then the output rows copied out.
+              store_row(acc.data(), acc_t(0), plane.lanes, narrow.data());
+              for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                std::copy(narrow.data() + oh * plane.PW, narrow.data() + oh * plane.PW + g.W_out, dst + oh * g.W_out);
+              }
+            } else {
+              for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                for (int64_t ow = 0; ow < g.W_out; ++ow) {
+                  acc_t sum = shift;
+                  const acc_t* src = padded.data() + plane.input_offset(g, oh, ow);
+                  for (int64_t kh = 0; kh < g.kH; ++kh) {
+                    for (int64_t kw = 0; kw < g.kW; ++kw) {
+                      sum += to_acc(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
+                    }
+                  }
+                  acc[oh * g.W_out + ow] = sum;
+                }
+              }
+              store_row(acc.data(), acc_t(0), pixels, dst);
             }
           }
         }
       }
-    }
     });
   });
 }
@@ -740,73 +917,73 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
   using acc_t = at::opmath_type<scalar_t>;
   const PaddedPlane plane(g);
   const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
-  const int64_t padded_size = plane.PH * plane.PW;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
   const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier *
                              area * pixels * 2;
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    std::vector<acc_t> padded(padded_size), grad_padded(padded_size), grad(plane.extended ? plane.span : pixels);
+    std::vector<acc_t> padded(plane.size()), grad_padded(plane.size());
+    std::vector<acc_t> grad(plane.extended ? plane.lanes : 0), row_values(round_up(pixels, kLanes));
     acc_t lanes[kLanes];
     cpu::with_isa(isa, [&] {
-    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t p = buckets.used[unit / g.C_in];
-      const int64_t c = unit % g.C_in;
-      load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
-                  g, plane, padded.data());
-      std::fill(grad_padded.begin(), grad_padded.end(), acc_t(0));
-      for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
-        for (int64_t j = 0; j < multiplier; ++j) {
-          const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
-          const scalar_t* taps = w + row * area;
-          const scalar_t* grad_row = go + row * pixels;
-          // grad_bias: lanes by pixel, then a fixed tree.
-          std::fill(lanes, lanes + kLanes, acc_t(0));
-          add_to_lanes(0, pixels, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
-          gb[row] = from_acc<scalar_t>(reduce_lanes(lanes));
-          if (plane.extended) {
-            // grad_output in extended rows (unused columns zero), then per tap one dot product (grad_weight) and
-            // one multiply-add back onto the padded plane (grad_templates).
-            std::fill(grad.begin(), grad.end(), acc_t(0));
-            for (int64_t oh = 0; oh < g.H_out; ++oh) load_row(grad_row + oh * g.W_out, g.W_out, grad.data() + oh * plane.PW);
-            for (int64_t kh = 0; kh < g.kH; ++kh) {
-              for (int64_t kw = 0; kw < g.kW; ++kw) {
-                const int64_t shift = plane.tap_offset(g, kh, kw);
-                const acc_t* src = padded.data() + shift;
-                std::fill(lanes, lanes + kLanes, acc_t(0));
-                add_to_lanes(0, plane.span, lanes, [&](int64_t q) { return grad[q] * src[q]; });
-                gw[row * area + kh * g.kW + kw] = from_acc<scalar_t>(reduce_lanes(lanes));
-                const acc_t weight = to_acc(taps[kh * g.kW + kw]);
-                acc_t* dst = grad_padded.data() + shift;
-                for (int64_t q = 0; q < plane.span; ++q) dst[q] += weight * grad[q];
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / g.C_in];
+        const int64_t c = unit % g.C_in;
+        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2),
+                    templates.stride(3), g, plane, padded.data());
+        std::fill(grad_padded.begin(), grad_padded.end(), acc_t(0));
+        for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
+          for (int64_t j = 0; j < multiplier; ++j) {
+            const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
+            const scalar_t* taps = w + row * area;
+            // grad_bias: the row widened (zeros past its end), summed in lanes by pixel, then a fixed tree.
+            std::fill(row_values.begin() + pixels, row_values.end(), acc_t(0));
+            load_row(go + row * pixels, pixels, row_values.data());
+            gb[row] = from_acc<scalar_t>(dot_lanes<acc_t>(row_values.data(), nullptr, row_values.size()));
+            if (plane.extended) {
+              // grad_output in extended rows (gaps and slack zero): per tap one dot product (grad_weight) and one
+              // multiply-add back onto the padded plane (grad_templates).
+              std::fill(grad.begin(), grad.end(), acc_t(0));
+              for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                std::copy(row_values.data() + oh * g.W_out, row_values.data() + (oh + 1) * g.W_out,
+                          grad.data() + oh * plane.PW);
               }
-            }
-          } else {
-            for (int64_t kh = 0; kh < g.kH; ++kh) {
-              for (int64_t kw = 0; kw < g.kW; ++kw) {
-                const int64_t shift = plane.tap_offset(g, kh, kw);
-                const acc_t weight = to_acc(taps[kh * g.kW + kw]);
-                std::fill(lanes, lanes + kLanes, acc_t(0));
-                for (int64_t oh = 0; oh < g.H_out; ++oh) {
-                  for (int64_t ow = 0; ow < g.W_out; ++ow) {
-                    const int64_t at = plane.input_offset(g, oh, ow) + shift;
-                    const acc_t grad_value = to_acc(grad_row[oh * g.W_out + ow]);
-                    lanes[(oh * g.W_out + ow) % kLanes] += grad_value * padded[at];
-                    grad_padded[at] += weight * grad_value;
-                  }
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw) {
+                  const int64_t shift = plane.tap_offset(g, kh, kw);
+                  gw[row * area + kh * g.kW + kw] =
+                      from_acc<scalar_t>(dot_lanes(grad.data(), padded.data() + shift, plane.lanes));
+                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
+                  acc_t* dst = grad_padded.data() + shift;
+                  for (int64_t q = 0; q < plane.lanes; ++q) dst[q] += weight * grad[q];
                 }
-                gw[row * area + kh * g.kW + kw] = from_acc<scalar_t>(reduce_lanes(lanes));
+              }
+            } else {
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw) {
+                  const int64_t shift = plane.tap_offset(g, kh, kw);
+                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
+                  std::fill(lanes, lanes + kLanes, acc_t(0));
+                  for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                    for (int64_t ow = 0; ow < g.W_out; ++ow) {
+                      const int64_t at = plane.input_offset(g, oh, ow) + shift;
+                      const acc_t grad_value = row_values[oh * g.W_out + ow];
+                      lanes[(oh * g.W_out + ow) % kLanes] += grad_value * padded[at];
+                      grad_padded[at] += weight * grad_value;
+                    }
+                  }
+                  gw[row * area + kh * g.kW + kw] = from_acc<scalar_t>(reduce_lanes(lanes));
+                }
               }
             }
           }
         }
+        scalar_t* dst = gt + (p * g.C_in + c) * g.H * g.W;
+        for (int64_t ih = 0; ih < g.H; ++ih) {
+          store_row(grad_padded.data() + (ih + g.pad_h) * plane.PW + g.pad_w, acc_t(0), g.W, dst + ih * g.W);
+        }
       }
-      scalar_t* dst = gt + (p * g.C_in + c) * g.H * g.W;
-      for (int64_t ih = 0; ih < g.H; ++ih) {
-        store_row(grad_padded.data() + (ih + g.pad_h) * plane.PW + g.pad_w, acc_t(0), g.W, dst + ih * g.W);
-      }
-    }
     });
   });
 }
@@ -872,6 +1049,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
         }
         if (is_direct_case(g)) {
           backward_direct(templates, w, go, gt, gw, gb, g, buckets);
+        } else if (backward_fits_one_pass<scalar_t>(g, buckets)) {
+          backward_gemm_fused(templates, w, go, gt, gw, gb, g, buckets);
         } else {
           grad_weight_gemm(templates, go, gw, gb, g, buckets);
           grad_templates_gemm(templates, w, go, gt, g, buckets);
