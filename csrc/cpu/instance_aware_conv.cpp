@@ -169,6 +169,10 @@ struct PixelSpace {
   };
   void runs(int64_t q0, int64_t q1, std::vector<Run>& out) const {
     out.clear();
+    if (!gaps()) {  // positions are pixels: one run
+      if (q1 > q0) out.push_back({q0, q0, q1 - q0});
+      return;
+    }
     for (int64_t q = q0; q < q1;) {
       const int64_t ow = q % pitch;
       if (ow >= W_out) {
@@ -423,6 +427,7 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
     Scratch<acc_t> product;
     std::vector<const scalar_t*> weight_rows;
     std::vector<PixelSpace::Run> runs;
+    std::vector<scalar_t> narrow(plan.tile);
     cpu::with_isa(plan.isa, [&] {
     for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
       const int64_t p = buckets.used[unit / (g.groups * plan.tiles)];
@@ -444,7 +449,14 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
           const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
           const acc_t* src = c + m * ldc - q0;
           scalar_t* dst = out + row * plan.pixels;
-          for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
+          if (runs.size() == 1 || std::is_same_v<scalar_t, acc_t>) {
+            for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
+          } else {  // narrowed over the whole tile at once (whole vectors), then the runs copied out
+            store_row(src + q0, shift, T, narrow.data());
+            for (const PixelSpace::Run& run : runs) {
+              std::copy(narrow.data() + (run.q - q0), narrow.data() + (run.q - q0) + run.length, dst + run.pixel);
+            }
+          }
         }
       }
     }
