@@ -23,10 +23,11 @@
 #
 # Python packages the image lacks travel as wheels: wheels in ${POINTINS_WHEELS:-.whl}/ are installed (into a
 # temporary folder on PYTHONPATH) before anything else. Without faster-coco-eval, tests/test_train_eval.py is
-# skipped; to run it, fetch the wheel here first and name .whl in the device tool's carry:
+# skipped; and pyproject.toml's metadata needs setuptools >= 77 (torch 2.11 wants < 82), which the image's own
+# setuptools was never checked against. So fetch both here first and name .whl in the device tool's carry (2 MB):
 #   echo /.whl/ >>.git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl faster-coco-eval==1.8.0
+#     --platform manylinux_2_28_x86_64 -d .whl faster-coco-eval==1.8.0 setuptools==81.0.0
 #
 # --rehearse (or POINTINS_VALIDATE_REHEARSE=1) runs every step on the CPU, with the same commands, skipping only
 # what needs a GPU: the build still compiles the CUDA kernels for sm_90 (when nvcc is there), the tests run
