@@ -105,8 +105,8 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
             raise TypeError("instance_aware_conv: backend='triton' supports float16, bfloat16 and float32; got "
                             "torch.float64 (use backend='cuda', 'cpu' or 'torch')")
         if not _triton_serves(device):
-            raise RuntimeError(f"instance_aware_conv: backend='triton' cannot run tensors on {device}: Triton needs "
-                               "a CUDA device, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
+            why = _triton_backend.unavailable_reason() if _triton_backend is not None else "no Triton backend"
+            raise RuntimeError(f"instance_aware_conv: backend='triton' cannot run tensors on {device}: {why}")
     return backend
 
 
