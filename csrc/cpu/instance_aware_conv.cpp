@@ -467,23 +467,86 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
   });
 }
 
-// grad_weight and grad_bias from per-chunk partial sums, added in chunk order.
-template <typename scalar_t, typename acc_t>
-void add_chunk_partials(const std::vector<acc_t>& partial_w, const std::vector<acc_t>& partial_b, int64_t chunks,
-                        int64_t rows_total, int64_t K, scalar_t* gw, scalar_t* gb) {
-  at::parallel_for(0, rows_total, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      for (int64_t k = 0; k < K; ++k) {
-        acc_t sum = partial_w[row * K + k];
-        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
-        gw[row * K + k] = from_acc<scalar_t>(sum);
+// Where grad_weight and grad_bias of one bucket's rows go when a unit has summed its chunk of positions: into
+// the tensors (one chunk), or into that chunk's partial sums, which add_chunk_partials adds in chunk order.
+template <typename scalar_t>
+struct ChunkSums {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ConvGeometry& g;
+  const PixelSpace& space;
+  const scalar_t* go;
+  scalar_t* gw;
+  scalar_t* gb;
+  int64_t K, chunks, rows_total;
+  std::vector<acc_t> partial_w, partial_b;
+
+  ChunkSums(const ConvGeometry& g, const PixelSpace& space, const scalar_t* go, scalar_t* gw, scalar_t* gb, int64_t K,
+            int64_t chunks)
+      : g(g),
+        space(space),
+        go(go),
+        gw(gw),
+        gb(gb),
+        K(K),
+        chunks(chunks),
+        rows_total(g.N * g.C_out),
+        partial_w(chunks > 1 ? chunks * rows_total * K : 0),
+        partial_b(chunks > 1 ? chunks * rows_total : 0) {}
+
+  // Rows [m0, m0 + M) of `rows`: grad_weight from the product c (K columns; K rows when transposed), grad_bias
+  // from grad_output over the output pixels of positions [q_begin, q_end), in lanes by pixel.
+  void write(const BucketRows& rows, int64_t m0, int64_t M, int64_t chunk, int64_t q_begin, int64_t q_end,
+             const acc_t* c, int64_t ldc, bool transposed) {
+    const int64_t pixels = g.output_pixels();
+    const int64_t pixel_begin = space.pixel_at(q_begin);
+    const int64_t pixel_end = q_end >= space.span ? pixels : space.pixel_at(q_end);
+    acc_t lanes[kLanes];
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t row = rows.row(m0 + m);
+      const scalar_t* grad_row = go + row * pixels;
+      std::fill(lanes, lanes + kLanes, acc_t(0));
+      add_to_lanes(pixel_begin, pixel_end, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
+      const acc_t bias_sum = reduce_lanes(lanes);
+      acc_t* partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
+      if (transposed) {
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t value = c[k * ldc + m];
+          if (partial) {
+            partial[k] = value;
+          } else {
+            gw[row * K + k] = from_acc<scalar_t>(value);
+          }
+        }
+      } else if (partial) {
+        std::copy(c + m * ldc, c + m * ldc + K, partial);
+      } else {
+        store_row(c + m * ldc, acc_t(0), K, gw + row * K);
       }
-      acc_t sum = partial_b[row];
-      for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
-      gb[row] = from_acc<scalar_t>(sum);
+      if (chunks > 1) {
+        partial_b[chunk * rows_total + row] = bias_sum;
+      } else {
+        gb[row] = from_acc<scalar_t>(bias_sum);
+      }
     }
-  });
-}
+  }
+
+  // With several chunks: grad_weight and grad_bias from the partial sums, added in chunk order.
+  void finish() const {
+    if (chunks == 1) return;
+    at::parallel_for(0, rows_total, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t sum = partial_w[row * K + k];
+          for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
+          gw[row * K + k] = from_acc<scalar_t>(sum);
+        }
+        acc_t sum = partial_b[row];
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
+        gb[row] = from_acc<scalar_t>(sum);
+      }
+    });
+  }
+};
 
 // grad_weight and grad_bias. Units are (template, group, block of rows, chunk of positions); a unit sums its
 // chunk's tiles in position order in the accumulation type. A template with more than kChunkPixels positions
@@ -495,7 +558,7 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
   const GemmPlan plan(g, templates);
   const PixelSpace& space = plan.space;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
-  const int64_t K = plan.K, rows_total = g.N * g.C_out;
+  const int64_t K = plan.K;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkPixels / plan.tile);
   const int64_t chunks = (plan.tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   struct Block {  // rows [m0, m0 + M) of template p's instances in group gi
@@ -508,9 +571,7 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
       for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) blocks.push_back({p, gi, m0, std::min(kRowBlock, rows - m0)});
     }
   }
-  // With one chunk the units write grad_weight and grad_bias; with several, partial sums per chunk.
-  std::vector<acc_t> partial_w(chunks > 1 ? chunks * rows_total * K : 0);
-  std::vector<acc_t> partial_b(chunks > 1 ? chunks * rows_total : 0);
+  ChunkSums<scalar_t> sums(g, space, go, gw, gb, K, chunks);
   const int64_t units = static_cast<int64_t>(blocks.size()) * chunks;
   const int64_t unit_flops = kRowBlock * K * std::min(space.span, kChunkPixels);
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
@@ -518,8 +579,6 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
     thread_local ColumnTile<scalar_t> columns;
     thread_local GradTile<scalar_t> grads;
     thread_local Scratch<acc_t> product;
-    std::vector<acc_t> lanes;
-    std::vector<const scalar_t*> grad_rows;
     cpu::with_isa(plan.isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const Block& block = blocks[unit / chunks];
@@ -546,43 +605,12 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
                       scratch);
           }
         }
-        // grad_bias over the chunk's output pixels, in lanes by pixel.
-        const int64_t pixel_begin = space.pixel_at(first_tile * plan.tile);
-        const int64_t pixel_end = last_tile == plan.tiles ? plan.pixels : space.pixel_at(last_tile * plan.tile);
-        lanes.assign(block.M * kLanes, acc_t(0));
-        rows.pointers(go, plan.pixels, block.m0, block.M, grad_rows);
-        for (int64_t m = 0; m < block.M; ++m) {
-          const scalar_t* grad_row = grad_rows[m];
-          add_to_lanes(pixel_begin, pixel_end, lanes.data() + m * kLanes,
-                       [&](int64_t t) { return to_acc(grad_row[t]); });
-        }
-        for (int64_t m = 0; m < block.M; ++m) {
-          const int64_t row = rows.row(block.m0 + m);
-          const acc_t bias_sum = reduce_lanes(lanes.data() + m * kLanes);
-          acc_t* dst_partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
-          if (transposed) {
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t value = c[k * ldc + m];
-              if (dst_partial)
-                dst_partial[k] = value;
-              else
-                gw[row * K + k] = from_acc<scalar_t>(value);
-            }
-          } else if (dst_partial) {
-            std::copy(c + m * ldc, c + m * ldc + K, dst_partial);
-          } else {
-            store_row(c + m * ldc, acc_t(0), K, gw + row * K);
-          }
-          if (chunks > 1) {
-            partial_b[chunk * rows_total + row] = bias_sum;
-          } else {
-            gb[row] = from_acc<scalar_t>(bias_sum);
-          }
-        }
+        // grad_bias over the chunk's output pixels, then the rows of grad_weight (or the chunk's partial sums).
+        sums.write(rows, block.m0, block.M, chunk, first_tile * plan.tile, last_tile * plan.tile, c, ldc, transposed);
       }
     });
   });
-  if (chunks > 1) add_chunk_partials(partial_w, partial_b, chunks, rows_total, K, gw, gb);
+  sums.finish();
 }
 
 // grad_templates: units are (used template, group, block of channels[, tile of positions when the columns are
@@ -689,13 +717,12 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
   const GemmPlan plan(g, templates);
   const PixelSpace& space = plan.space;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
-  const int64_t K = plan.K, area = g.kernel_area(), rows_total = g.N * g.C_out;
+  const int64_t K = plan.K, area = g.kernel_area();
   const int64_t plane = g.H * g.W, padded_plane = space.height * space.pitch;
   const bool direct = space.planes && !space.padded && area == 1 && !space.gaps();
   const int64_t tiles_per_chunk = direct ? std::max<int64_t>(1, kChunkPixels / plan.tile) : plan.tiles;
   const int64_t chunks = (plan.tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  std::vector<acc_t> partial_w(chunks > 1 ? chunks * rows_total * K : 0);
-  std::vector<acc_t> partial_b(chunks > 1 ? chunks * rows_total : 0);
+  ChunkSums<scalar_t> sums(g, space, go, gw, gb, K, chunks);
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups * chunks;
   const int64_t unit_flops = 2 * std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
                              g.C_out_per_group * K * std::min(space.span, tiles_per_chunk * plan.tile);
@@ -704,8 +731,8 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
     thread_local ColumnTile<scalar_t> columns;
     thread_local GradTile<scalar_t> grads;
     thread_local Scratch<acc_t> weight_product, column_product;
-    std::vector<acc_t> lanes, grad_tpl;
-    std::vector<const scalar_t*> weight_rows, grad_rows;
+    std::vector<acc_t> grad_tpl;
+    std::vector<const scalar_t*> weight_rows;
     cpu::with_isa(plan.isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / (g.groups * chunks)];
@@ -757,39 +784,8 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
             scatter_column_tile(cc, ldc, g, c_begin, c_begin + g.C_in_per_group, q0, T, grad_tpl.data());
           }
         }
-        // grad_bias over the chunk's output pixels, in lanes by pixel; then this unit's grad_weight rows.
-        const int64_t pixel_begin = space.pixel_at(first_tile * plan.tile);
-        const int64_t pixel_end = last_tile == plan.tiles ? plan.pixels : space.pixel_at(last_tile * plan.tile);
-        lanes.assign(R * kLanes, acc_t(0));
-        rows.pointers(go, plan.pixels, 0, R, grad_rows);
-        for (int64_t m = 0; m < R; ++m) {
-          const scalar_t* grad_row = grad_rows[m];
-          add_to_lanes(pixel_begin, pixel_end, lanes.data() + m * kLanes,
-                       [&](int64_t t) { return to_acc(grad_row[t]); });
-        }
-        for (int64_t m = 0; m < R; ++m) {
-          const int64_t row = rows.row(m);
-          const acc_t bias_sum = reduce_lanes(lanes.data() + m * kLanes);
-          acc_t* dst_partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
-          if (transposed) {
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t value = cw[k * ldw + m];
-              if (dst_partial)
-                dst_partial[k] = value;
-              else
-                gw[row * K + k] = from_acc<scalar_t>(value);
-            }
-          } else if (dst_partial) {
-            std::copy(cw + m * ldw, cw + m * ldw + K, dst_partial);
-          } else {
-            store_row(cw + m * ldw, acc_t(0), K, gw + row * K);
-          }
-          if (chunks > 1) {
-            partial_b[chunk * rows_total + row] = bias_sum;
-          } else {
-            gb[row] = from_acc<scalar_t>(bias_sum);
-          }
-        }
+        // grad_bias over the chunk's output pixels, then the rows of grad_weight (or the chunk's partial sums).
+        sums.write(rows, 0, R, chunk, first_tile * plan.tile, last_tile * plan.tile, cw, ldw, transposed);
         if (direct) continue;
         for (int64_t ci = 0; ci < g.C_in_per_group; ++ci) {
           scalar_t* dst = gt + (p * g.C_in + c_begin + ci) * plane;
@@ -801,7 +797,7 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
       }
     });
   });
-  if (chunks > 1) add_chunk_partials(partial_w, partial_b, chunks, rows_total, K, gw, gb);
+  sums.finish();
 }
 
 // ---------------------------------------------------------------------------------------------------------
