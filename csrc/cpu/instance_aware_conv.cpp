@@ -923,30 +923,32 @@ POINTINS_CONVERT_INLINE void store_lanes(acc_t* p, const Lanes<acc_t>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// acc[q] = shift + sum over taps t of weights[t] * padded[q + offsets[t]], for q < lanes (whole vectors).
-// Four vectors at a time, so four independent multiply-add chains hide the instruction's latency.
+// out[x] = start[x] + sum over taps t of weights[t] * src[x + direction * offsets[t]] for x in [begin, end) (whole
+// vectors), where start is `init` or, when it is null, `shift` everywhere. Four vectors at a time, so four
+// independent multiply-add chains hide the instruction's latency. out may be init.
 template <typename acc_t>
-void taps_forward(const acc_t* padded, const int64_t* offsets, const acc_t* weights, int64_t area, acc_t shift,
-                  int64_t lanes, acc_t* acc) {
-  int64_t q = 0;
-  for (; q + 4 * kLanes <= lanes; q += 4 * kLanes) {
-    Lanes<acc_t> s0 = Lanes<acc_t>{} + shift, s1 = s0, s2 = s0, s3 = s0;
+void taps_multiply_add(const acc_t* src, const int64_t* offsets, int64_t direction, const acc_t* weights, int64_t area,
+                       const acc_t* init, acc_t shift, int64_t begin, int64_t end, acc_t* out) {
+  auto start = [&](int64_t x) { return init ? load_lanes(init + x) : Lanes<acc_t>{} + shift; };
+  int64_t x = begin;
+  for (; x + 4 * kLanes <= end; x += 4 * kLanes) {
+    Lanes<acc_t> s0 = start(x), s1 = start(x + kLanes), s2 = start(x + 2 * kLanes), s3 = start(x + 3 * kLanes);
     for (int64_t t = 0; t < area; ++t) {
-      const acc_t* src = padded + offsets[t] + q;
-      s0 += load_lanes(src) * weights[t];
-      s1 += load_lanes(src + kLanes) * weights[t];
-      s2 += load_lanes(src + 2 * kLanes) * weights[t];
-      s3 += load_lanes(src + 3 * kLanes) * weights[t];
+      const acc_t* from = src + x + direction * offsets[t];
+      s0 += load_lanes(from) * weights[t];
+      s1 += load_lanes(from + kLanes) * weights[t];
+      s2 += load_lanes(from + 2 * kLanes) * weights[t];
+      s3 += load_lanes(from + 3 * kLanes) * weights[t];
     }
-    store_lanes(acc + q, s0);
-    store_lanes(acc + q + kLanes, s1);
-    store_lanes(acc + q + 2 * kLanes, s2);
-    store_lanes(acc + q + 3 * kLanes, s3);
+    store_lanes(out + x, s0);
+    store_lanes(out + x + kLanes, s1);
+    store_lanes(out + x + 2 * kLanes, s2);
+    store_lanes(out + x + 3 * kLanes, s3);
   }
-  for (; q < lanes; q += kLanes) {
-    Lanes<acc_t> sum = Lanes<acc_t>{} + shift;
-    for (int64_t t = 0; t < area; ++t) sum += load_lanes(padded + offsets[t] + q) * weights[t];
-    store_lanes(acc + q, sum);
+  for (; x < end; x += kLanes) {
+    Lanes<acc_t> sum = start(x);
+    for (int64_t t = 0; t < area; ++t) sum += load_lanes(src + x + direction * offsets[t]) * weights[t];
+    store_lanes(out + x, sum);
   }
 }
 
@@ -973,37 +975,6 @@ void taps_grad_weight(const acc_t* grad, const acc_t* padded, const int64_t* off
   int64_t t = 0;
   for (; t + 9 <= area; t += 9) tap_dots<9>(grad, padded, offsets + t, lanes, out + t);
   for (; t < area; ++t) tap_dots<1>(grad, padded, offsets + t, lanes, out + t);
-}
-
-// grad_templates of one row, added into the padded plane's interior rows: grad_padded[x] += sum over taps t of
-// weights[t] * grad[x - offsets[t]], where `grad` holds the row's extended grad_output from grad[lead] on
-// (lead = the largest offset) and zeros elsewhere, so every read stays inside the buffer.
-template <typename acc_t>
-void taps_adjoint(const acc_t* grad, int64_t lead, const int64_t* offsets, const acc_t* weights, int64_t area,
-                  const PaddedPlane& plane, const ConvGeometry& g, acc_t* grad_padded) {
-  const int64_t begin = g.pad_h * plane.PW, end = begin + round_up(g.H * plane.PW, kLanes);
-  const acc_t* from = grad + lead;
-  int64_t x = begin;
-  for (; x + 4 * kLanes <= end; x += 4 * kLanes) {  // four chains, as in taps_forward
-    Lanes<acc_t> s0 = load_lanes(grad_padded + x), s1 = load_lanes(grad_padded + x + kLanes),
-                 s2 = load_lanes(grad_padded + x + 2 * kLanes), s3 = load_lanes(grad_padded + x + 3 * kLanes);
-    for (int64_t t = 0; t < area; ++t) {
-      const acc_t* src = from + x - offsets[t];
-      s0 += load_lanes(src) * weights[t];
-      s1 += load_lanes(src + kLanes) * weights[t];
-      s2 += load_lanes(src + 2 * kLanes) * weights[t];
-      s3 += load_lanes(src + 3 * kLanes) * weights[t];
-    }
-    store_lanes(grad_padded + x, s0);
-    store_lanes(grad_padded + x + kLanes, s1);
-    store_lanes(grad_padded + x + 2 * kLanes, s2);
-    store_lanes(grad_padded + x + 3 * kLanes, s3);
-  }
-  for (; x < end; x += kLanes) {
-    Lanes<acc_t> sum = load_lanes(grad_padded + x);
-    for (int64_t t = 0; t < area; ++t) sum += load_lanes(from + x - offsets[t]) * weights[t];
-    store_lanes(grad_padded + x, sum);
-  }
 }
 
 // dst[0, n) = src[0, n): whole vectors while they end inside [dst, limit) (an excess lands where a later copy
@@ -1044,7 +1015,8 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
             scalar_t* dst = out + row * pixels;
             if (plane.extended) {
               for (int64_t t = 0; t < area; ++t) tap_weights[t] = to_acc(taps[t]);
-              taps_forward(padded.data(), offsets.data(), tap_weights.data(), area, shift, plane.lanes, acc.data());
+              taps_multiply_add<acc_t>(padded.data(), offsets.data(), 1, tap_weights.data(), area, nullptr, shift, 0,
+                                       plane.lanes, acc.data());
               // Narrowed over the whole span (whole vectors), then the rows copied out in order, so the excess of
               // a row's last vector lands in rows written after it.
               const scalar_t* rows = reinterpret_cast<const scalar_t*>(acc.data());
@@ -1088,8 +1060,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
   const int64_t unit_flops =
       std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels * 2;
   const std::vector<int64_t> offsets = plane.tap_offsets(g);
-  const int64_t lead =
-      offsets.empty() ? 0 : offsets.back();  // grad_output's rows start this far into their buffer (see taps_adjoint)
+  const int64_t lead = offsets.empty() ? 0 : offsets.back();  // grad_output's rows start this far into their buffer
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
     std::vector<acc_t> padded(plane.size()), grad_padded(plane.size()), tap_weights(area);
@@ -1125,7 +1096,12 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
                 gw[row * area + t] = from_acc<scalar_t>(tap_weights[t]);
                 tap_weights[t] = to_acc(taps[t]);
               }
-              taps_adjoint(grad.data(), lead, offsets.data(), tap_weights.data(), area, plane, g, grad_padded.data());
+              // grad_templates, added into the padded plane's interior rows: grad_padded[x] += sum over taps t of
+              // weights[t] * grad[lead + x - offsets[t]], every read inside the buffer (zeros around the rows).
+              const int64_t begin = g.pad_h * plane.PW;
+              taps_multiply_add<acc_t>(grad.data() + lead, offsets.data(), -1, tap_weights.data(), area,
+                                       grad_padded.data(), acc_t(0), begin, begin + round_up(g.H * plane.PW, kLanes),
+                                       grad_padded.data());
             } else {
               for (int64_t kh = 0; kh < g.kH; ++kh) {
                 for (int64_t kw = 0; kw < g.kW; ++kw) {
