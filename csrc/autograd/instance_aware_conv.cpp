@@ -56,8 +56,8 @@ class InstanceAwareConvFunction : public torch::autograd::Function<InstanceAware
                     ctx->saved_data["groups"].toInt());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // One gradient per forward input: templates, weight, bias, then none for index and the conv arguments.
-    return {grad_templates, grad_weight, has_bias ? grad_bias : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(),   at::Tensor(),  at::Tensor()};
+    return {grad_templates, grad_weight, has_bias ? grad_bias : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(),   at::Tensor()};
   }
 };
 
@@ -70,8 +70,6 @@ at::Tensor instance_aware_conv_autograd(const at::Tensor& templates, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pointins_ops, Autograd, m) {
-  m.impl("instance_aware_conv", &instance_aware_conv_autograd);
-}
+TORCH_LIBRARY_IMPL(pointins_ops, Autograd, m) { m.impl("instance_aware_conv", &instance_aware_conv_autograd); }
 
 }  // namespace pointins_ops

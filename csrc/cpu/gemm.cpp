@@ -1,10 +1,10 @@
 // The GEMM engine's operand access, packing and micro-kernels (see gemm.h).
 #include "gemm.h"
 
-#include "convert.h"
-
 #include <cstring>
 #include <string>
+
+#include "convert.h"
 
 #if defined(POINTINS_X86)
 #include <cpuid.h>
@@ -161,8 +161,7 @@ struct RowsB {  // row k at rows[k] + offset
 };
 
 template <typename T, int VB, int MR, typename A, typename B>
-POINTINS_INLINE void micro_kernel(const A& a, const B& b, int64_t K, T* __restrict__ c, int64_t ldc,
-                                  bool accumulate) {
+POINTINS_INLINE void micro_kernel(const A& a, const B& b, int64_t K, T* __restrict__ c, int64_t ldc, bool accumulate) {
   typedef T V __attribute__((vector_size(VB)));
   constexpr int L = VB / sizeof(T);
   V acc0[MR], acc1[MR];
@@ -203,10 +202,16 @@ POINTINS_INLINE void vector_gemm(const Operand<scalar_t>& a, const Operand<scala
   constexpr int NR = 2 * L;
   const int64_t Mp = round_up(M, MR), Np = round_up(N, NR);
   Scratch<T>& a_buffer = [&]() -> Scratch<T>& {
-    if constexpr (std::is_same_v<T, double>) return scratch.a64; else return scratch.a32;
+    if constexpr (std::is_same_v<T, double>)
+      return scratch.a64;
+    else
+      return scratch.a32;
   }();
   Scratch<T>& b_buffer = [&]() -> Scratch<T>& {
-    if constexpr (std::is_same_v<T, double>) return scratch.b64; else return scratch.b32;
+    if constexpr (std::is_same_v<T, double>)
+      return scratch.b64;
+    else
+      return scratch.b32;
   }();
 
   // B: panels of NR columns. Rows of B read in place for every full panel (float, double); the rest packed.
@@ -322,8 +327,8 @@ struct alignas(64) TileConfig {
 };
 
 __attribute__((target("amx-tile,amx-bf16"))) void amx_kernel(const uint16_t* a, const uint16_t* b, int64_t Mp,
-                                                              int64_t Np, int64_t Kp, float* c, int64_t ldc,
-                                                              bool accumulate) {
+                                                             int64_t Np, int64_t Kp, float* c, int64_t ldc,
+                                                             bool accumulate) {
   TileConfig config;
   for (int tile = 0; tile < 8; ++tile) {
     config.bytes_per_row[tile] = 64;
@@ -447,7 +452,8 @@ POINTINS_INLINE void amx_gemm(const Operand<c10::BFloat16>& a, const Operand<c10
         transpose_columns(src, 0, columns, columns, pairs, b32 + n0, Np);
       } else {
         for (int64_t kk = 0; kk < pairs; ++kk) {
-          for (int64_t j = 0; j < columns; ++j) std::memcpy(b32 + kk * Np + n0 + j, b.pointers[n0 + j] + b.offset + 2 * kk, 4);
+          for (int64_t j = 0; j < columns; ++j)
+            std::memcpy(b32 + kk * Np + n0 + j, b.pointers[n0 + j] + b.offset + 2 * kk, 4);
         }
       }
       if (K % 2) {
@@ -468,35 +474,34 @@ using GemmFn = void (*)(const Operand<scalar_t>&, const Operand<scalar_t>&, int6
                         at::opmath_type<scalar_t>*, int64_t, bool, GemmScratch&);
 
 template <typename scalar_t>
-__attribute__((flatten)) void gemm_generic(const Operand<scalar_t>& a, const Operand<scalar_t>& b, int64_t M,
-                                           int64_t N, int64_t K, at::opmath_type<scalar_t>* c, int64_t ldc,
-                                           bool accumulate, GemmScratch& scratch) {
+__attribute__((flatten)) void gemm_generic(const Operand<scalar_t>& a, const Operand<scalar_t>& b, int64_t M, int64_t N,
+                                           int64_t K, at::opmath_type<scalar_t>* c, int64_t ldc, bool accumulate,
+                                           GemmScratch& scratch) {
   vector_gemm<scalar_t, 16, 4>(a, b, M, N, K, c, ldc, accumulate, scratch);
 }
 
 #if defined(POINTINS_X86)
 template <typename scalar_t>
-__attribute__((target(POINTINS_AVX2_TARGET), flatten)) void gemm_avx2(const Operand<scalar_t>& a,
-                                                                       const Operand<scalar_t>& b, int64_t M, int64_t N,
-                                                                       int64_t K, at::opmath_type<scalar_t>* c,
-                                                                       int64_t ldc, bool accumulate,
-                                                                       GemmScratch& scratch) {
+__attribute__((target(POINTINS_AVX2_TARGET),
+               flatten)) void gemm_avx2(const Operand<scalar_t>& a, const Operand<scalar_t>& b, int64_t M, int64_t N,
+                                        int64_t K, at::opmath_type<scalar_t>* c, int64_t ldc, bool accumulate,
+                                        GemmScratch& scratch) {
   vector_gemm<scalar_t, 32, 6>(a, b, M, N, K, c, ldc, accumulate, scratch);
 }
 
 template <typename scalar_t>
 __attribute__((target(POINTINS_AVX512_TARGET), flatten)) void gemm_avx512(const Operand<scalar_t>& a,
-                                                                           const Operand<scalar_t>& b, int64_t M,
-                                                                           int64_t N, int64_t K,
-                                                                           at::opmath_type<scalar_t>* c, int64_t ldc,
-                                                                           bool accumulate, GemmScratch& scratch) {
+                                                                          const Operand<scalar_t>& b, int64_t M,
+                                                                          int64_t N, int64_t K,
+                                                                          at::opmath_type<scalar_t>* c, int64_t ldc,
+                                                                          bool accumulate, GemmScratch& scratch) {
   vector_gemm<scalar_t, 64, 8>(a, b, M, N, K, c, ldc, accumulate, scratch);
 }
 
 __attribute__((target(POINTINS_AVX512_TARGET), flatten)) void gemm_amx(const Operand<c10::BFloat16>& a,
-                                                                        const Operand<c10::BFloat16>& b, int64_t M,
-                                                                        int64_t N, int64_t K, float* c, int64_t ldc,
-                                                                        bool accumulate, GemmScratch& scratch) {
+                                                                       const Operand<c10::BFloat16>& b, int64_t M,
+                                                                       int64_t N, int64_t K, float* c, int64_t ldc,
+                                                                       bool accumulate, GemmScratch& scratch) {
   amx_gemm(a, b, M, N, K, c, ldc, accumulate, scratch);
 }
 #endif
@@ -530,8 +535,10 @@ Isa active_isa() {
     } else if (name == "amx") {
       wanted = Isa::kAmx;
     } else if (!name.empty()) {
-      TORCH_CHECK_VALUE(false, "instance_aware_conv: environment variable POINTINS_CPU_ISA must be one of generic, "
-                        "avx2, avx512, amx (or unset); got '", name, "'");
+      TORCH_CHECK_VALUE(false,
+                        "instance_aware_conv: environment variable POINTINS_CPU_ISA must be one of generic, "
+                        "avx2, avx512, amx (or unset); got '",
+                        name, "'");
     }
     isa = std::min(isa, wanted);
   }
@@ -540,10 +547,14 @@ Isa active_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kAmx: return "amx";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "generic";
+    case Isa::kAmx:
+      return "amx";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
   }
 }
 
@@ -564,14 +575,15 @@ void gemm(Isa isa, const Operand<scalar_t>& a, const Operand<scalar_t>& b, int64
   if (M == 0 || N == 0) return;
   if (K == 0) {  // an empty sum
     if (!accumulate) {
-      for (int64_t m = 0; m < padded_m(isa, M); ++m) std::fill(c + m * ldc, c + m * ldc + padded_n<scalar_t>(isa, N), 0);
+      for (int64_t m = 0; m < padded_m(isa, M); ++m)
+        std::fill(c + m * ldc, c + m * ldc + padded_n<scalar_t>(isa, N), 0);
     }
     return;
   }
   engine<scalar_t>(isa)(a, b, M, N, K, c, ldc, accumulate, scratch);
 }
 
-#define POINTINS_INSTANTIATE(scalar_t)                                                                              \
+#define POINTINS_INSTANTIATE(scalar_t)                                                                             \
   template void gemm<scalar_t>(Isa, const Operand<scalar_t>&, const Operand<scalar_t>&, int64_t, int64_t, int64_t, \
                                at::opmath_type<scalar_t>*, int64_t, bool, GemmScratch&);                           \
   template int64_t padded_n<scalar_t>(Isa, int64_t);

@@ -26,8 +26,6 @@
 // accumulation type; grad_weight's chunk partials add (chunks - 1) copies of grad_weight and grad_bias in the
 // accumulation type when a template's pixels are split (more than kChunkPixels of them).
 #include "../instance_aware_conv.h"
-#include "convert.h"
-#include "gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -40,26 +38,29 @@
 #include <numeric>
 #include <vector>
 
+#include "convert.h"
+#include "gemm.h"
+
 namespace pointins_ops {
 namespace {
 
 using cpu::columns_of;
 using cpu::from_acc;
 using cpu::load_row;
+using cpu::round_up;
+using cpu::rows_of;
+using cpu::Scratch;
 using cpu::store_row;
 using cpu::to_acc;
-using cpu::rows_of;
-using cpu::round_up;
-using cpu::Scratch;
 
-constexpr int64_t kRowBlock = 256;        // GEMM rows (instance x channel) per product
-constexpr int64_t kPixelTile = 256;       // output pixels per column tile (fewer when K is long)
-constexpr int64_t kChunkPixels = 4096;    // grad_weight reduces at most this many pixels per partial sum
-constexpr int64_t kColumnRows = 256;      // rows of grad_columns (channels x taps) per grad_templates unit
-constexpr int64_t kTaskFlops = 1 << 17;   // least work (multiply-adds) worth handing to another thread
-constexpr int64_t kLanes = 16;            // fixed-width partial sums for the reductions the GEMM does not do
-constexpr int64_t kFarRows = 16384;       // template channels more elements apart than this are packed first ...
-constexpr int64_t kFarPixelTile = 2048;   // ... and read in tiles of up to this many pixels
+constexpr int64_t kRowBlock = 256;       // GEMM rows (instance x channel) per product
+constexpr int64_t kPixelTile = 256;      // output pixels per column tile (fewer when K is long)
+constexpr int64_t kChunkPixels = 1024;   // grad_weight reduces at most this many pixels per partial sum
+constexpr int64_t kColumnRows = 256;     // rows of grad_columns (channels x taps) per grad_templates unit
+constexpr int64_t kTaskFlops = 1 << 17;  // least work (multiply-adds) worth handing to another thread
+constexpr int64_t kLanes = 16;           // fixed-width partial sums for the reductions the GEMM does not do
+constexpr int64_t kFarRows = 16384;      // template channels more elements apart than this are packed first ...
+constexpr int64_t kFarPixelTile = 2048;  // ... and read in tiles of up to this many pixels
 
 // The grain for at::parallel_for: small problems run on the calling thread instead of paying for a
 // parallel region.
@@ -83,8 +84,8 @@ void fill_buckets(const index_t* index, const ConvGeometry& g, TemplateBuckets& 
   std::vector<int64_t> counts(g.P + 1, 0);
   for (int64_t n = 0; n < g.N; ++n) {
     const int64_t p = static_cast<int64_t>(index[n]);
-    TORCH_CHECK_INDEX(p >= 0 && p < g.P, "instance_aware_conv: index values must lie in [0, P) = [0, ", g.P,
-                      "); got ", p, " at position ", n);
+    TORCH_CHECK_INDEX(p >= 0 && p < g.P, "instance_aware_conv: index values must lie in [0, P) = [0, ", g.P, "); got ",
+                      p, " at position ", n);
     ++counts[p + 1];
   }
   std::partial_sum(counts.begin(), counts.end(), counts.begin());
@@ -263,8 +264,8 @@ void build_column_tile(const scalar_t* tpl, at::IntArrayRef strides, const ConvG
 
 // The adjoint of build_column_tile: grad_tpl[c - c_begin, ih, iw] += grad_columns[row * ld + t].
 template <typename acc_t>
-void scatter_column_tile(const acc_t* grad_columns, int64_t ld, const ConvGeometry& g, int64_t c_begin,
-                         int64_t c_end, int64_t j0, int64_t tile, acc_t* grad_tpl) {
+void scatter_column_tile(const acc_t* grad_columns, int64_t ld, const ConvGeometry& g, int64_t c_begin, int64_t c_end,
+                         int64_t j0, int64_t tile, acc_t* grad_tpl) {
   for_each_column_run(g, c_begin, c_end, j0, tile,
                       [&](int64_t c, int64_t row, int64_t t, int64_t ow_begin, int64_t, int64_t ih, int64_t iw_offset,
                           ValidRange valid) {
@@ -357,7 +358,8 @@ struct GradTile {
       scalar_t* dst = data + m * T;
       std::fill(dst, dst + T, scalar_t(0));
       const scalar_t* src = sources[m];
-      for (const PixelSpace::Run& run : runs) std::copy(src + run.pixel, src + run.pixel + run.length, dst + (run.q - q0));
+      for (const PixelSpace::Run& run : runs)
+        std::copy(src + run.pixel, src + run.pixel + run.length, dst + (run.q - q0));
       rows[m] = dst;
     }
     offset = 0;
@@ -419,68 +421,132 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
   const PixelSpace& space = plan.space;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups * plan.tiles;
-  const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
-                             g.C_out_per_group * plan.K * plan.tile;
+  const int64_t unit_flops =
+      std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * g.C_out_per_group * plan.K * plan.tile;
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    cpu::GemmScratch scratch;
-    ColumnTile<scalar_t> columns;
-    Scratch<acc_t> product;
+    // Packing buffers are per thread and kept between calls (they grow to the largest tile seen).
+    thread_local cpu::GemmScratch scratch;
+    thread_local ColumnTile<scalar_t> columns;
+    thread_local Scratch<acc_t> product;
     std::vector<const scalar_t*> weight_rows;
     std::vector<PixelSpace::Run> runs;
     std::vector<scalar_t> narrow(plan.tile);
     cpu::with_isa(plan.isa, [&] {
-    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t p = buckets.used[unit / (g.groups * plan.tiles)];
-      const int64_t gi = (unit / plan.tiles) % g.groups;
-      const int64_t q0 = (unit % plan.tiles) * plan.tile;
-      const int64_t T = std::min(plan.tile, space.span - q0);
-      columns.build(tpl + p * templates.stride(0), templates, g, space, gi, q0, T);
-      space.runs(q0, q0 + T, runs);
-      const BucketRows rows{buckets, g, p, gi};
-      const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
-      for (int64_t m0 = 0; m0 < rows.count(); m0 += kRowBlock) {
-        const int64_t M = std::min(kRowBlock, rows.count() - m0);
-        rows.pointers(w, plan.K, m0, M, weight_rows);
-        acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
-        cpu::gemm(plan.isa, rows_of(weight_rows.data()), rows_of(columns.rows.data(), columns.offset, columns.far), M, T,
-                  plan.K, c, ldc, false, scratch);
-        for (int64_t m = 0; m < M; ++m) {
-          const int64_t row = rows.row(m0 + m);
-          const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
-          const acc_t* src = c + m * ldc - q0;
-          scalar_t* dst = out + row * plan.pixels;
-          if (runs.size() == 1 || std::is_same_v<scalar_t, acc_t>) {
-            for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
-          } else {  // narrowed over the whole tile at once (whole vectors), then the runs copied out
-            store_row(src + q0, shift, T, narrow.data());
-            for (const PixelSpace::Run& run : runs) {
-              std::copy(narrow.data() + (run.q - q0), narrow.data() + (run.q - q0) + run.length, dst + run.pixel);
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / (g.groups * plan.tiles)];
+        const int64_t gi = (unit / plan.tiles) % g.groups;
+        const int64_t q0 = (unit % plan.tiles) * plan.tile;
+        const int64_t T = std::min(plan.tile, space.span - q0);
+        columns.build(tpl + p * templates.stride(0), templates, g, space, gi, q0, T);
+        space.runs(q0, q0 + T, runs);
+        const BucketRows rows{buckets, g, p, gi};
+        const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
+        for (int64_t m0 = 0; m0 < rows.count(); m0 += kRowBlock) {
+          const int64_t M = std::min(kRowBlock, rows.count() - m0);
+          rows.pointers(w, plan.K, m0, M, weight_rows);
+          acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
+          cpu::gemm(plan.isa, rows_of(weight_rows.data()), rows_of(columns.rows.data(), columns.offset, columns.far), M,
+                    T, plan.K, c, ldc, false, scratch);
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t row = rows.row(m0 + m);
+            const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
+            const acc_t* src = c + m * ldc - q0;
+            scalar_t* dst = out + row * plan.pixels;
+            if (runs.size() == 1 || std::is_same_v<scalar_t, acc_t>) {
+              for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
+            } else {  // narrowed over the whole tile at once (whole vectors), then the runs copied out
+              store_row(src + q0, shift, T, narrow.data());
+              for (const PixelSpace::Run& run : runs) {
+                std::copy(narrow.data() + (run.q - q0), narrow.data() + (run.q - q0) + run.length, dst + run.pixel);
+              }
             }
           }
         }
       }
-    }
     });
   });
 }
 
-// grad_weight and grad_bias from per-chunk partial sums, added in chunk order.
-template <typename scalar_t, typename acc_t>
-void add_chunk_partials(const std::vector<acc_t>& partial_w, const std::vector<acc_t>& partial_b, int64_t chunks,
-                        int64_t rows_total, int64_t K, scalar_t* gw, scalar_t* gb) {
-  at::parallel_for(0, rows_total, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      for (int64_t k = 0; k < K; ++k) {
-        acc_t sum = partial_w[row * K + k];
-        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
-        gw[row * K + k] = from_acc<scalar_t>(sum);
+// Where grad_weight and grad_bias of one bucket's rows go when a unit has summed its chunk of positions: into
+// the tensors (one chunk), or into that chunk's partial sums, which add_chunk_partials adds in chunk order.
+template <typename scalar_t>
+struct ChunkSums {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ConvGeometry& g;
+  const PixelSpace& space;
+  const scalar_t* go;
+  scalar_t* gw;
+  scalar_t* gb;
+  int64_t K, chunks, rows_total;
+  std::vector<acc_t> partial_w, partial_b;
+
+  ChunkSums(const ConvGeometry& g, const PixelSpace& space, const scalar_t* go, scalar_t* gw, scalar_t* gb, int64_t K,
+            int64_t chunks)
+      : g(g),
+        space(space),
+        go(go),
+        gw(gw),
+        gb(gb),
+        K(K),
+        chunks(chunks),
+        rows_total(g.N * g.C_out),
+        partial_w(chunks > 1 ? chunks * rows_total * K : 0),
+        partial_b(chunks > 1 ? chunks * rows_total : 0) {}
+
+  // Rows [m0, m0 + M) of `rows`: grad_weight from the product c (K columns; K rows when transposed), grad_bias
+  // from grad_output over the output pixels of positions [q_begin, q_end), in lanes by pixel.
+  void write(const BucketRows& rows, int64_t m0, int64_t M, int64_t chunk, int64_t q_begin, int64_t q_end,
+             const acc_t* c, int64_t ldc, bool transposed) {
+    const int64_t pixels = g.output_pixels();
+    const int64_t pixel_begin = space.pixel_at(q_begin);
+    const int64_t pixel_end = q_end >= space.span ? pixels : space.pixel_at(q_end);
+    acc_t lanes[kLanes];
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t row = rows.row(m0 + m);
+      const scalar_t* grad_row = go + row * pixels;
+      std::fill(lanes, lanes + kLanes, acc_t(0));
+      add_to_lanes(pixel_begin, pixel_end, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
+      const acc_t bias_sum = reduce_lanes(lanes);
+      acc_t* partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
+      if (transposed) {
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t value = c[k * ldc + m];
+          if (partial) {
+            partial[k] = value;
+          } else {
+            gw[row * K + k] = from_acc<scalar_t>(value);
+          }
+        }
+      } else if (partial) {
+        std::copy(c + m * ldc, c + m * ldc + K, partial);
+      } else {
+        store_row(c + m * ldc, acc_t(0), K, gw + row * K);
       }
-      acc_t sum = partial_b[row];
-      for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
-      gb[row] = from_acc<scalar_t>(sum);
+      if (chunks > 1) {
+        partial_b[chunk * rows_total + row] = bias_sum;
+      } else {
+        gb[row] = from_acc<scalar_t>(bias_sum);
+      }
     }
-  });
-}
+  }
+
+  // With several chunks: grad_weight and grad_bias from the partial sums, added in chunk order.
+  void finish() const {
+    if (chunks == 1) return;
+    at::parallel_for(0, rows_total, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t sum = partial_w[row * K + k];
+          for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
+          gw[row * K + k] = from_acc<scalar_t>(sum);
+        }
+        acc_t sum = partial_b[row];
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
+        gb[row] = from_acc<scalar_t>(sum);
+      }
+    });
+  }
+};
 
 // grad_weight and grad_bias. Units are (template, group, block of rows, chunk of positions); a unit sums its
 // chunk's tiles in position order in the accumulation type. A template with more than kChunkPixels positions
@@ -492,7 +558,7 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
   const GemmPlan plan(g, templates);
   const PixelSpace& space = plan.space;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
-  const int64_t K = plan.K, rows_total = g.N * g.C_out;
+  const int64_t K = plan.K;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkPixels / plan.tile);
   const int64_t chunks = (plan.tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   struct Block {  // rows [m0, m0 + M) of template p's instances in group gi
@@ -505,77 +571,46 @@ void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t*
       for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) blocks.push_back({p, gi, m0, std::min(kRowBlock, rows - m0)});
     }
   }
-  // With one chunk the units write grad_weight and grad_bias; with several, partial sums per chunk.
-  std::vector<acc_t> partial_w(chunks > 1 ? chunks * rows_total * K : 0);
-  std::vector<acc_t> partial_b(chunks > 1 ? chunks * rows_total : 0);
+  ChunkSums<scalar_t> sums(g, space, go, gw, gb, K, chunks);
   const int64_t units = static_cast<int64_t>(blocks.size()) * chunks;
   const int64_t unit_flops = kRowBlock * K * std::min(space.span, kChunkPixels);
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    cpu::GemmScratch scratch;
-    ColumnTile<scalar_t> columns;
-    GradTile<scalar_t> grads;
-    Scratch<acc_t> product;
-    std::vector<acc_t> lanes;
-    std::vector<const scalar_t*> grad_rows;
+    thread_local cpu::GemmScratch scratch;
+    thread_local ColumnTile<scalar_t> columns;
+    thread_local GradTile<scalar_t> grads;
+    thread_local Scratch<acc_t> product;
     cpu::with_isa(plan.isa, [&] {
-    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const Block& block = blocks[unit / chunks];
-      const int64_t chunk = unit % chunks;
-      const BucketRows rows{buckets, g, block.p, block.gi};
-      // C = grad_out x columns^T, or its transpose when the block has fewer rows than K: either way one operand
-      // is read transposed, and the smaller one is.
-      const bool transposed = block.M < K;
-      const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, transposed ? block.M : K);
-      acc_t* c = product.resize(cpu::padded_m(plan.isa, transposed ? K : block.M) * ldc);
-      const int64_t first_tile = chunk * tiles_per_chunk;
-      const int64_t last_tile = std::min(plan.tiles, first_tile + tiles_per_chunk);
-      for (int64_t tile = first_tile; tile < last_tile; ++tile) {
-        const int64_t q0 = tile * plan.tile;
-        const int64_t T = std::min(plan.tile, space.span - q0);
-        columns.build(tpl + block.p * templates.stride(0), templates, g, space, block.gi, q0, T);
-        grads.build(go, rows, plan.pixels, space, block.m0, block.M, q0, T);
-        if (transposed) {
-          cpu::gemm(plan.isa, rows_of(columns.rows.data(), columns.offset), columns_of(grads.rows.data(), grads.offset),
-                    K, block.M, T, c, ldc, tile > first_tile, scratch);
-        } else {
-          cpu::gemm(plan.isa, rows_of(grads.rows.data(), grads.offset), columns_of(columns.rows.data(), columns.offset),
-                    block.M, K, T, c, ldc, tile > first_tile, scratch);
-        }
-      }
-      // grad_bias over the chunk's output pixels, in lanes by pixel.
-      const int64_t pixel_begin = space.pixel_at(first_tile * plan.tile);
-      const int64_t pixel_end = last_tile == plan.tiles ? plan.pixels : space.pixel_at(last_tile * plan.tile);
-      lanes.assign(block.M * kLanes, acc_t(0));
-      rows.pointers(go, plan.pixels, block.m0, block.M, grad_rows);
-      for (int64_t m = 0; m < block.M; ++m) {
-        const scalar_t* grad_row = grad_rows[m];
-        add_to_lanes(pixel_begin, pixel_end, lanes.data() + m * kLanes,
-                     [&](int64_t t) { return to_acc(grad_row[t]); });
-      }
-      for (int64_t m = 0; m < block.M; ++m) {
-        const int64_t row = rows.row(block.m0 + m);
-        const acc_t bias_sum = reduce_lanes(lanes.data() + m * kLanes);
-        acc_t* dst_partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
-        if (transposed) {
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t value = c[k * ldc + m];
-            if (dst_partial) dst_partial[k] = value; else gw[row * K + k] = from_acc<scalar_t>(value);
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const Block& block = blocks[unit / chunks];
+        const int64_t chunk = unit % chunks;
+        const BucketRows rows{buckets, g, block.p, block.gi};
+        // C = grad_out x columns^T, or its transpose when the block has fewer rows than K: either way one operand
+        // is read transposed, and the smaller one is.
+        const bool transposed = block.M < K;
+        const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, transposed ? block.M : K);
+        acc_t* c = product.resize(cpu::padded_m(plan.isa, transposed ? K : block.M) * ldc);
+        const int64_t first_tile = chunk * tiles_per_chunk;
+        const int64_t last_tile = std::min(plan.tiles, first_tile + tiles_per_chunk);
+        for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+          const int64_t q0 = tile * plan.tile;
+          const int64_t T = std::min(plan.tile, space.span - q0);
+          columns.build(tpl + block.p * templates.stride(0), templates, g, space, block.gi, q0, T);
+          grads.build(go, rows, plan.pixels, space, block.m0, block.M, q0, T);
+          if (transposed) {
+            cpu::gemm(plan.isa, rows_of(columns.rows.data(), columns.offset),
+                      columns_of(grads.rows.data(), grads.offset), K, block.M, T, c, ldc, tile > first_tile, scratch);
+          } else {
+            cpu::gemm(plan.isa, rows_of(grads.rows.data(), grads.offset),
+                      columns_of(columns.rows.data(), columns.offset), block.M, K, T, c, ldc, tile > first_tile,
+                      scratch);
           }
-        } else if (dst_partial) {
-          std::copy(c + m * ldc, c + m * ldc + K, dst_partial);
-        } else {
-          store_row(c + m * ldc, acc_t(0), K, gw + row * K);
         }
-        if (chunks > 1) {
-          partial_b[chunk * rows_total + row] = bias_sum;
-        } else {
-          gb[row] = from_acc<scalar_t>(bias_sum);
-        }
+        // grad_bias over the chunk's output pixels, then the rows of grad_weight (or the chunk's partial sums).
+        sums.write(rows, block.m0, block.M, chunk, first_tile * plan.tile, last_tile * plan.tile, c, ldc, transposed);
       }
-    }
     });
   });
-  if (chunks > 1) add_chunk_partials(partial_w, partial_b, chunks, rows_total, K, gw, gb);
+  sums.finish();
 }
 
 // grad_templates: units are (used template, group, block of channels[, tile of positions when the columns are
@@ -595,71 +630,71 @@ void grad_templates_gemm(const at::Tensor& templates, const scalar_t* w, const s
   const int64_t tile_units = direct ? plan.tiles : 1;
   const int64_t units_per_template = g.groups * blocks_per_group * tile_units;
   const int64_t plane = g.H * g.W, padded_plane = space.height * space.pitch;
-  const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
-                             g.C_out_per_group * channels_per_block * area * space.span / tile_units;
-  at::parallel_for(
-      0, static_cast<int64_t>(buckets.used.size()) * units_per_template, grain_for(unit_flops),
-      [&](int64_t unit_begin, int64_t unit_end) {
-        cpu::GemmScratch scratch;
-        GradTile<scalar_t> grads;
-        Scratch<acc_t> product;
-        std::vector<acc_t> grad_tpl;
-        std::vector<const scalar_t*> weight_rows;
-        cpu::with_isa(plan.isa, [&] {
-        for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-          const int64_t p = buckets.used[unit / units_per_template];
-          const int64_t within = unit % units_per_template;
-          const int64_t gi = within / (blocks_per_group * tile_units);
-          const int64_t c_local = ((within / tile_units) % blocks_per_group) * channels_per_block;
-          const int64_t channels = std::min(channels_per_block, g.C_in_per_group - c_local);
-          const int64_t c_begin = gi * g.C_in_per_group + c_local;
-          const int64_t M = channels * area;  // rows of grad_columns
-          const BucketRows rows{buckets, g, p, gi};
-          const int64_t first_tile = direct ? within % tile_units : 0;
-          const int64_t last_tile = direct ? first_tile + 1 : plan.tiles;
-          if (!direct) grad_tpl.assign(channels * (space.planes ? padded_plane : plane), acc_t(0));
-          for (int64_t tile = first_tile; tile < last_tile; ++tile) {
-            const int64_t q0 = tile * plan.tile;
-            const int64_t T = std::min(plan.tile, space.span - q0);
-            const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
-            acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
-            for (int64_t r0 = 0; r0 < rows.count(); r0 += kRowBlock) {
-              const int64_t R = std::min(kRowBlock, rows.count() - r0);
-              rows.pointers(w, plan.K, r0, R, weight_rows);
-              grads.build(go, rows, plan.pixels, space, r0, R, q0, T);
-              cpu::gemm(plan.isa, columns_of(weight_rows.data(), c_local * area), rows_of(grads.rows.data(), grads.offset),
-                        M, T, R, c, ldc, r0 > 0, scratch);
-            }
-            if (direct) {
-              for (int64_t ci = 0; ci < channels; ++ci) {
-                store_row(c + ci * ldc, acc_t(0), T, gt + (p * g.C_in + c_begin + ci) * plane + q0);
-              }
-            } else if (space.planes) {  // column row (c, kh, kw) at q lands on plane position q + shift
-              for (int64_t ci = 0, k = 0; ci < channels; ++ci) {
-                for (int64_t kh = 0; kh < g.kH; ++kh) {
-                  for (int64_t kw = 0; kw < g.kW; ++kw, ++k) {
-                    acc_t* dst = grad_tpl.data() + ci * padded_plane + kh * g.dilation_h * space.pitch +
-                                 kw * g.dilation_w + q0;
-                    const acc_t* src = c + k * ldc;
-                    for (int64_t t = 0; t < T; ++t) dst[t] += src[t];
-                  }
-                }
-              }
-            } else {
-              scatter_column_tile(c, ldc, g, c_begin, c_begin + channels, q0, T, grad_tpl.data());
-            }
-          }
-          if (direct) continue;
-          for (int64_t ci = 0; ci < channels; ++ci) {
-            scalar_t* dst = gt + (p * g.C_in + c_begin + ci) * plane;
-            const acc_t* src = grad_tpl.data() + ci * (space.planes ? padded_plane : plane);
-            if (space.planes) src += g.pad_h * space.pitch + g.pad_w;
-            const int64_t src_pitch = space.planes ? space.pitch : g.W;
-            for (int64_t ih = 0; ih < g.H; ++ih) store_row(src + ih * src_pitch, acc_t(0), g.W, dst + ih * g.W);
-          }
-        }
-        });
-      });
+  const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * g.C_out_per_group *
+                             channels_per_block * area * space.span / tile_units;
+  at::parallel_for(0, static_cast<int64_t>(buckets.used.size()) * units_per_template, grain_for(unit_flops),
+                   [&](int64_t unit_begin, int64_t unit_end) {
+                     cpu::GemmScratch scratch;
+                     GradTile<scalar_t> grads;
+                     Scratch<acc_t> product;
+                     std::vector<acc_t> grad_tpl;
+                     std::vector<const scalar_t*> weight_rows;
+                     cpu::with_isa(plan.isa, [&] {
+                       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+                         const int64_t p = buckets.used[unit / units_per_template];
+                         const int64_t within = unit % units_per_template;
+                         const int64_t gi = within / (blocks_per_group * tile_units);
+                         const int64_t c_local = ((within / tile_units) % blocks_per_group) * channels_per_block;
+                         const int64_t channels = std::min(channels_per_block, g.C_in_per_group - c_local);
+                         const int64_t c_begin = gi * g.C_in_per_group + c_local;
+                         const int64_t M = channels * area;  // rows of grad_columns
+                         const BucketRows rows{buckets, g, p, gi};
+                         const int64_t first_tile = direct ? within % tile_units : 0;
+                         const int64_t last_tile = direct ? first_tile + 1 : plan.tiles;
+                         if (!direct) grad_tpl.assign(channels * (space.planes ? padded_plane : plane), acc_t(0));
+                         for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+                           const int64_t q0 = tile * plan.tile;
+                           const int64_t T = std::min(plan.tile, space.span - q0);
+                           const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
+                           acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
+                           for (int64_t r0 = 0; r0 < rows.count(); r0 += kRowBlock) {
+                             const int64_t R = std::min(kRowBlock, rows.count() - r0);
+                             rows.pointers(w, plan.K, r0, R, weight_rows);
+                             grads.build(go, rows, plan.pixels, space, r0, R, q0, T);
+                             cpu::gemm(plan.isa, columns_of(weight_rows.data(), c_local * area),
+                                       rows_of(grads.rows.data(), grads.offset), M, T, R, c, ldc, r0 > 0, scratch);
+                           }
+                           if (direct) {
+                             for (int64_t ci = 0; ci < channels; ++ci) {
+                               store_row(c + ci * ldc, acc_t(0), T, gt + (p * g.C_in + c_begin + ci) * plane + q0);
+                             }
+                           } else if (space.planes) {  // column row (c, kh, kw) at q lands on plane position q + shift
+                             for (int64_t ci = 0, k = 0; ci < channels; ++ci) {
+                               for (int64_t kh = 0; kh < g.kH; ++kh) {
+                                 for (int64_t kw = 0; kw < g.kW; ++kw, ++k) {
+                                   acc_t* dst = grad_tpl.data() + ci * padded_plane + kh * g.dilation_h * space.pitch +
+                                                kw * g.dilation_w + q0;
+                                   const acc_t* src = c + k * ldc;
+                                   for (int64_t t = 0; t < T; ++t) dst[t] += src[t];
+                                 }
+                               }
+                             }
+                           } else {
+                             scatter_column_tile(c, ldc, g, c_begin, c_begin + channels, q0, T, grad_tpl.data());
+                           }
+                         }
+                         if (direct) continue;
+                         for (int64_t ci = 0; ci < channels; ++ci) {
+                           scalar_t* dst = gt + (p * g.C_in + c_begin + ci) * plane;
+                           const acc_t* src = grad_tpl.data() + ci * (space.planes ? padded_plane : plane);
+                           if (space.planes) src += g.pad_h * space.pitch + g.pad_w;
+                           const int64_t src_pitch = space.planes ? space.pitch : g.W;
+                           for (int64_t ih = 0; ih < g.H; ++ih)
+                             store_row(src + ih * src_pitch, acc_t(0), g.W, dst + ih * g.W);
+                         }
+                       }
+                     });
+                   });
 }
 
 // The whole backward in one pass, when every template's rows fit one product (kRowBlock) and every group's
@@ -676,29 +711,28 @@ bool backward_fits_one_pass(const ConvGeometry& g, const TemplateBuckets& bucket
 }
 
 template <typename scalar_t>
-void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const scalar_t* go, scalar_t* gt,
-                         scalar_t* gw, scalar_t* gb, const ConvGeometry& g, const TemplateBuckets& buckets) {
+void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const scalar_t* go, scalar_t* gt, scalar_t* gw,
+                         scalar_t* gb, const ConvGeometry& g, const TemplateBuckets& buckets) {
   using acc_t = at::opmath_type<scalar_t>;
   const GemmPlan plan(g, templates);
   const PixelSpace& space = plan.space;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
-  const int64_t K = plan.K, area = g.kernel_area(), rows_total = g.N * g.C_out;
+  const int64_t K = plan.K, area = g.kernel_area();
   const int64_t plane = g.H * g.W, padded_plane = space.height * space.pitch;
   const bool direct = space.planes && !space.padded && area == 1 && !space.gaps();
   const int64_t tiles_per_chunk = direct ? std::max<int64_t>(1, kChunkPixels / plan.tile) : plan.tiles;
   const int64_t chunks = (plan.tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  std::vector<acc_t> partial_w(chunks > 1 ? chunks * rows_total * K : 0);
-  std::vector<acc_t> partial_b(chunks > 1 ? chunks * rows_total : 0);
+  ChunkSums<scalar_t> sums(g, space, go, gw, gb, K, chunks);
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups * chunks;
   const int64_t unit_flops = 2 * std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
                              g.C_out_per_group * K * std::min(space.span, tiles_per_chunk * plan.tile);
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    cpu::GemmScratch scratch;
-    ColumnTile<scalar_t> columns;
-    GradTile<scalar_t> grads;
-    Scratch<acc_t> weight_product, column_product;
-    std::vector<acc_t> lanes, grad_tpl;
-    std::vector<const scalar_t*> weight_rows, grad_rows;
+    thread_local cpu::GemmScratch scratch;
+    thread_local ColumnTile<scalar_t> columns;
+    thread_local GradTile<scalar_t> grads;
+    thread_local Scratch<acc_t> weight_product, column_product;
+    std::vector<acc_t> grad_tpl;
+    std::vector<const scalar_t*> weight_rows;
     cpu::with_isa(plan.isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / (g.groups * chunks)];
@@ -729,8 +763,8 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
           }
           const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
           acc_t* cc = column_product.resize(cpu::padded_m(plan.isa, K) * ldc);
-          cpu::gemm(plan.isa, columns_of(weight_rows.data()), rows_of(grads.rows.data(), grads.offset), K, T, R, cc, ldc,
-                    false, scratch);
+          cpu::gemm(plan.isa, columns_of(weight_rows.data()), rows_of(grads.rows.data(), grads.offset), K, T, R, cc,
+                    ldc, false, scratch);
           if (direct) {
             for (int64_t ci = 0; ci < g.C_in_per_group; ++ci) {
               store_row(cc + ci * ldc, acc_t(0), T, gt + (p * g.C_in + c_begin + ci) * plane + q0);
@@ -739,8 +773,8 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
             for (int64_t ci = 0, k = 0; ci < g.C_in_per_group; ++ci) {
               for (int64_t kh = 0; kh < g.kH; ++kh) {
                 for (int64_t kw = 0; kw < g.kW; ++kw, ++k) {
-                  acc_t* dst = grad_tpl.data() + ci * padded_plane + kh * g.dilation_h * space.pitch +
-                               kw * g.dilation_w + q0;
+                  acc_t* dst =
+                      grad_tpl.data() + ci * padded_plane + kh * g.dilation_h * space.pitch + kw * g.dilation_w + q0;
                   const acc_t* src = cc + k * ldc;
                   for (int64_t t = 0; t < T; ++t) dst[t] += src[t];
                 }
@@ -750,36 +784,8 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
             scatter_column_tile(cc, ldc, g, c_begin, c_begin + g.C_in_per_group, q0, T, grad_tpl.data());
           }
         }
-        // grad_bias over the chunk's output pixels, in lanes by pixel; then this unit's grad_weight rows.
-        const int64_t pixel_begin = space.pixel_at(first_tile * plan.tile);
-        const int64_t pixel_end = last_tile == plan.tiles ? plan.pixels : space.pixel_at(last_tile * plan.tile);
-        lanes.assign(R * kLanes, acc_t(0));
-        rows.pointers(go, plan.pixels, 0, R, grad_rows);
-        for (int64_t m = 0; m < R; ++m) {
-          const scalar_t* grad_row = grad_rows[m];
-          add_to_lanes(pixel_begin, pixel_end, lanes.data() + m * kLanes,
-                       [&](int64_t t) { return to_acc(grad_row[t]); });
-        }
-        for (int64_t m = 0; m < R; ++m) {
-          const int64_t row = rows.row(m);
-          const acc_t bias_sum = reduce_lanes(lanes.data() + m * kLanes);
-          acc_t* dst_partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
-          if (transposed) {
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t value = cw[k * ldw + m];
-              if (dst_partial) dst_partial[k] = value; else gw[row * K + k] = from_acc<scalar_t>(value);
-            }
-          } else if (dst_partial) {
-            std::copy(cw + m * ldw, cw + m * ldw + K, dst_partial);
-          } else {
-            store_row(cw + m * ldw, acc_t(0), K, gw + row * K);
-          }
-          if (chunks > 1) {
-            partial_b[chunk * rows_total + row] = bias_sum;
-          } else {
-            gb[row] = from_acc<scalar_t>(bias_sum);
-          }
-        }
+        // grad_bias over the chunk's output pixels, then the rows of grad_weight (or the chunk's partial sums).
+        sums.write(rows, 0, R, chunk, first_tile * plan.tile, last_tile * plan.tile, cw, ldw, transposed);
         if (direct) continue;
         for (int64_t ci = 0; ci < g.C_in_per_group; ++ci) {
           scalar_t* dst = gt + (p * g.C_in + c_begin + ci) * plane;
@@ -791,7 +797,7 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
       }
     });
   });
-  if (chunks > 1) add_chunk_partials(partial_w, partial_b, chunks, rows_total, K, gw, gb);
+  sums.finish();
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -804,10 +810,10 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
 // the template's instances. Buffers carry kLanes elements of zero slack so the loops run in whole vectors.
 
 struct PaddedPlane {
-  int64_t PH, PW;   // padded height and width
-  int64_t span;     // extended outputs: (H_out - 1) * PW + W_out with stride 1
-  int64_t lanes;    // span rounded up to whole vectors
-  bool extended;    // stride 1 in both directions
+  int64_t PH, PW;  // padded height and width
+  int64_t span;    // extended outputs: (H_out - 1) * PW + W_out with stride 1
+  int64_t lanes;   // span rounded up to whole vectors
+  bool extended;   // stride 1 in both directions
 
   explicit PaddedPlane(const ConvGeometry& g)
       : PH(g.H + 2 * g.pad_h),
@@ -869,8 +875,8 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
   const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
-  const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier *
-                             area * pixels;
+  const int64_t unit_flops =
+      std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels;
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
     std::vector<acc_t> padded(plane.size()), acc(plane.extended ? plane.lanes : pixels);
@@ -879,8 +885,8 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / g.C_in];
         const int64_t c = unit % g.C_in;
-        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2),
-                    templates.stride(3), g, plane, padded.data());
+        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
+                    g, plane, padded.data());
         for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
           for (int64_t j = 0; j < multiplier; ++j) {
             const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
@@ -931,8 +937,8 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
   const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
-  const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier *
-                             area * pixels * 2;
+  const int64_t unit_flops =
+      std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels * 2;
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
     std::vector<acc_t> padded(plane.size()), grad_padded(plane.size());
@@ -942,8 +948,8 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / g.C_in];
         const int64_t c = unit % g.C_in;
-        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2),
-                    templates.stride(3), g, plane, padded.data());
+        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
+                    g, plane, padded.data());
         std::fill(grad_padded.begin(), grad_padded.end(), acc_t(0));
         for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
           for (int64_t j = 0; j < multiplier; ++j) {
@@ -1047,27 +1053,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
   if (g.C_in == 0) return {grad_templates, grad_weight, grad_bias.copy_(grad_output.sum({2, 3}))};
   const at::Tensor grad_out = grad_output.contiguous();
   const at::Tensor weight_c = weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, templates.scalar_type(), "instance_aware_conv_backward_cpu", [&] {
-        const scalar_t* w = weight_c.const_data_ptr<scalar_t>();
-        const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
-        scalar_t* gt = grad_templates.mutable_data_ptr<scalar_t>();
-        scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-        scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-        // Templates no instance uses get zeros; every other element is written exactly once below.
-        const int64_t template_size = g.C_in * g.H * g.W;
-        for (int64_t p = 0; p < g.P; ++p) {
-          if (buckets.count(p) == 0) std::fill(gt + p * template_size, gt + (p + 1) * template_size, scalar_t(0));
-        }
-        if (is_direct_case(g)) {
-          backward_direct(templates, w, go, gt, gw, gb, g, buckets);
-        } else if (backward_fits_one_pass<scalar_t>(g, buckets)) {
-          backward_gemm_fused(templates, w, go, gt, gw, gb, g, buckets);
-        } else {
-          grad_weight_gemm(templates, go, gw, gb, g, buckets);
-          grad_templates_gemm(templates, w, go, gt, g, buckets);
-        }
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, templates.scalar_type(), "instance_aware_conv_backward_cpu",
+                                  [&] {
+                                    const scalar_t* w = weight_c.const_data_ptr<scalar_t>();
+                                    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+                                    scalar_t* gt = grad_templates.mutable_data_ptr<scalar_t>();
+                                    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+                                    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+                                    // Templates no instance uses get zeros; every other element is written exactly once
+                                    // below.
+                                    const int64_t template_size = g.C_in * g.H * g.W;
+                                    for (int64_t p = 0; p < g.P; ++p) {
+                                      if (buckets.count(p) == 0)
+                                        std::fill(gt + p * template_size, gt + (p + 1) * template_size, scalar_t(0));
+                                    }
+                                    if (is_direct_case(g)) {
+                                      backward_direct(templates, w, go, gt, gw, gb, g, buckets);
+                                    } else if (backward_fits_one_pass<scalar_t>(g, buckets)) {
+                                      backward_gemm_fused(templates, w, go, gt, gw, gb, g, buckets);
+                                    } else {
+                                      grad_weight_gemm(templates, go, gw, gb, g, buckets);
+                                      grad_templates_gemm(templates, w, go, gt, g, buckets);
+                                    }
+                                  });
   return {grad_templates, grad_weight, grad_bias};
 }
 
