@@ -187,6 +187,42 @@ struct PixelSpace {
   }
 };
 
+// The runs of one output row, from a row of positions: dst[run.pixel + t] = src[run.q + t] (+ shift, narrowed)
+// for t < run.length. A run shorter than a vector is written as a whole vector when the excess lands on the next
+// run, which overwrites it, and stays inside the tile: rows of a 14-pixel-wide output still move in whole
+// vectors. src must be readable a vector past every run but the last (a product's padded row is).
+template <typename scalar_t, typename acc_t>
+void store_runs(const acc_t* src, acc_t shift, const std::vector<PixelSpace::Run>& runs, scalar_t* dst) {
+  const int64_t end = runs.empty() ? 0 : runs.back().pixel + runs.back().length;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const PixelSpace::Run& run = runs[r];
+    if (run.length < kLanes && r + 1 < runs.size() && runs[r + 1].pixel == run.pixel + run.length &&
+        run.pixel + kLanes <= end) {
+      store_row(src + run.q, shift, kLanes, dst + run.pixel);
+    } else {
+      store_row(src + run.q, shift, run.length, dst + run.pixel);
+    }
+  }
+}
+
+// The adjoint, into positions [q0, q_end) whose gaps are zero: dst[run.q + t] = src[run.pixel + t] for the runs
+// (dst zeroed beforehand; src a row of `pixels`). A whole-vector copy is used only when its excess ends inside
+// the next run: the part in the gap is zeroed again, the next run's copy overwrites the rest.
+template <typename scalar_t>
+void copy_runs(const scalar_t* src, int64_t pixels, const std::vector<PixelSpace::Run>& runs, int64_t q_end,
+               scalar_t* dst) {
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const PixelSpace::Run& run = runs[r];
+    if (run.length < kLanes && r + 1 < runs.size() && run.pixel + kLanes <= pixels && run.q + kLanes <= q_end &&
+        run.q + kLanes <= runs[r + 1].q + runs[r + 1].length) {
+      std::memcpy(dst + run.q, src + run.pixel, kLanes * sizeof(scalar_t));
+      std::fill(dst + run.q + run.length, dst + std::min(run.q + kLanes, runs[r + 1].q), scalar_t(0));
+    } else {
+      std::copy(src + run.pixel, src + run.pixel + run.length, dst + run.q);
+    }
+  }
+}
+
 // Positions per column tile: at most kPixelTile, fewer for long reductions so a packed tile stays in L2; a
 // span of at most 1.5 tiles is one tile. A multiple of 32 otherwise (the AMX kernel's block), so
 // grad_weight's sums over positions group identically whatever the tile.
@@ -358,8 +394,7 @@ struct GradTile {
       scalar_t* dst = data + m * T;
       std::fill(dst, dst + T, scalar_t(0));
       const scalar_t* src = sources[m];
-      for (const PixelSpace::Run& run : runs)
-        std::copy(src + run.pixel, src + run.pixel + run.length, dst + (run.q - q0));
+      copy_runs(src, pixels, runs, q0 + T, dst - q0);
       rows[m] = dst;
     }
     offset = 0;
@@ -378,18 +413,18 @@ void add_to_lanes(int64_t begin, int64_t end, acc_t* lanes, Value&& value) {
   for (; q < end; ++q) lanes[q % kLanes] += value(q);
 }
 
-// A fixed tree over kLanes partial sums: level[i] + level[i + width] for width 8, 4, 2, 1, done in one vector
-// register per level.
+// A fixed tree over kLanes partial sums: level[i] + level[i + width] for width 8, 4, 2, 1, one shuffle and one
+// add in registers per level (lanes at and past `width` are left over and never read again).
 template <typename acc_t>
 acc_t reduce_lanes(const acc_t* lanes) {
+  static_assert(kLanes == 16, "the shuffles below are written for 16 lanes");
   typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
   Lanes level;
   std::memcpy(&level, lanes, sizeof(Lanes));
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
-    Lanes upper{};
-    for (int64_t i = 0; i < width; ++i) upper[i] = level[i + width];
-    level = level + upper;
-  }
+  level = level + __builtin_shufflevector(level, level, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+  level = level + __builtin_shufflevector(level, level, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
+  level = level + __builtin_shufflevector(level, level, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+  level = level + __builtin_shufflevector(level, level, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
   return level[0];
 }
 
@@ -430,7 +465,6 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
     thread_local Scratch<acc_t> product;
     std::vector<const scalar_t*> weight_rows;
     std::vector<PixelSpace::Run> runs;
-    std::vector<scalar_t> narrow(plan.tile);
     cpu::with_isa(plan.isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / (g.groups * plan.tiles)];
@@ -452,14 +486,7 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
             const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
             const acc_t* src = c + m * ldc - q0;
             scalar_t* dst = out + row * plan.pixels;
-            if (runs.size() == 1 || std::is_same_v<scalar_t, acc_t>) {
-              for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
-            } else {  // narrowed over the whole tile at once (whole vectors), then the runs copied out
-              store_row(src + q0, shift, T, narrow.data());
-              for (const PixelSpace::Run& run : runs) {
-                std::copy(narrow.data() + (run.q - q0), narrow.data() + (run.q - q0) + run.length, dst + run.pixel);
-              }
-            }
+            store_runs(src, shift, runs, dst);
           }
         }
       }
@@ -829,6 +856,13 @@ struct PaddedPlane {
   int64_t input_offset(const ConvGeometry& g, int64_t oh, int64_t ow) const {  // tap (0, 0) of output (oh, ow)
     return oh * g.stride_h * PW + ow * g.stride_w;
   }
+  std::vector<int64_t> tap_offsets(const ConvGeometry& g) const {  // by tap kh * kW + kw, increasing
+    std::vector<int64_t> offsets;
+    for (int64_t kh = 0; kh < g.kH; ++kh) {
+      for (int64_t kw = 0; kw < g.kW; ++kw) offsets.push_back(tap_offset(g, kh, kw));
+    }
+    return offsets;
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -867,6 +901,91 @@ acc_t dot_lanes(const acc_t* x, const acc_t* y, int64_t n) {
   return reduce_lanes(lanes);
 }
 
+// The extended-row loops below run over whole vectors: per vector of positions, every tap's term is summed in
+// registers and the result stored once (the planes, a few KiB, stay in L1). Each element still sees its taps
+// in tap order, so the bits are those of a tap-by-tap loop.
+template <typename acc_t>
+struct LanesOf {
+  typedef acc_t type __attribute__((vector_size(kLanes * sizeof(acc_t))));
+};
+template <typename acc_t>
+using Lanes = typename LanesOf<acc_t>::type;
+
+template <typename acc_t>
+POINTINS_CONVERT_INLINE Lanes<acc_t> load_lanes(const acc_t* p) {
+  Lanes<acc_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+POINTINS_CONVERT_INLINE void store_lanes(acc_t* p, const Lanes<acc_t>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// out[x] = start[x] + sum over taps t of weights[t] * src[x + direction * offsets[t]] for x in [begin, end) (whole
+// vectors), where start is `init` or, when it is null, `shift` everywhere. Four vectors at a time, so four
+// independent multiply-add chains hide the instruction's latency. out may be init.
+template <typename acc_t>
+void taps_multiply_add(const acc_t* src, const int64_t* offsets, int64_t direction, const acc_t* weights, int64_t area,
+                       const acc_t* init, acc_t shift, int64_t begin, int64_t end, acc_t* out) {
+  auto start = [&](int64_t x) { return init ? load_lanes(init + x) : Lanes<acc_t>{} + shift; };
+  int64_t x = begin;
+  for (; x + 4 * kLanes <= end; x += 4 * kLanes) {
+    Lanes<acc_t> s0 = start(x), s1 = start(x + kLanes), s2 = start(x + 2 * kLanes), s3 = start(x + 3 * kLanes);
+    for (int64_t t = 0; t < area; ++t) {
+      const acc_t* from = src + x + direction * offsets[t];
+      s0 += load_lanes(from) * weights[t];
+      s1 += load_lanes(from + kLanes) * weights[t];
+      s2 += load_lanes(from + 2 * kLanes) * weights[t];
+      s3 += load_lanes(from + 3 * kLanes) * weights[t];
+    }
+    store_lanes(out + x, s0);
+    store_lanes(out + x + kLanes, s1);
+    store_lanes(out + x + 2 * kLanes, s2);
+    store_lanes(out + x + 3 * kLanes, s3);
+  }
+  for (; x < end; x += kLanes) {
+    Lanes<acc_t> sum = start(x);
+    for (int64_t t = 0; t < area; ++t) sum += load_lanes(src + x + direction * offsets[t]) * weights[t];
+    store_lanes(out + x, sum);
+  }
+}
+
+// out[t] = sum over q < lanes of grad[q] * padded[q + offsets[t]] for Taps taps, in lanes by q (grad read once
+// for all of them), then the fixed tree of reduce_lanes: the order of dot_lanes.
+template <int64_t Taps, typename acc_t>
+void tap_dots(const acc_t* grad, const acc_t* padded, const int64_t* offsets, int64_t lanes, acc_t* out) {
+  Lanes<acc_t> sums[Taps] = {};
+  for (int64_t q = 0; q < lanes; q += kLanes) {
+    const Lanes<acc_t> x = load_lanes(grad + q);
+    for (int64_t t = 0; t < Taps; ++t) sums[t] += x * load_lanes(padded + offsets[t] + q);
+  }
+  for (int64_t t = 0; t < Taps; ++t) {
+    acc_t lanes_of_t[kLanes];
+    std::memcpy(lanes_of_t, &sums[t], sizeof(sums[t]));
+    out[t] = reduce_lanes(lanes_of_t);
+  }
+}
+
+// grad_weight of one row: the taps in register blocks of 9 (a 3x3 kernel is one block), then one at a time.
+template <typename acc_t>
+void taps_grad_weight(const acc_t* grad, const acc_t* padded, const int64_t* offsets, int64_t area, int64_t lanes,
+                      acc_t* out) {
+  int64_t t = 0;
+  for (; t + 9 <= area; t += 9) tap_dots<9>(grad, padded, offsets + t, lanes, out + t);
+  for (; t < area; ++t) tap_dots<1>(grad, padded, offsets + t, lanes, out + t);
+}
+
+// dst[0, n) = src[0, n): whole vectors while they end inside [dst, limit) (an excess lands where a later copy
+// writes), the rest element by element.
+template <typename scalar_t>
+void copy_row(const scalar_t* src, int64_t n, scalar_t* dst, const scalar_t* limit) {
+  int64_t t = 0;
+  for (; t < n && dst + t + kLanes <= limit; t += kLanes) std::memcpy(dst + t, src + t, kLanes * sizeof(scalar_t));
+  for (; t < n; ++t) dst[t] = src[t];
+}
+
 template <typename scalar_t>
 void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar_t* b, scalar_t* out,
                     const ConvGeometry& g, const TemplateBuckets& buckets) {
@@ -877,10 +996,11 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
   const int64_t unit_flops =
       std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels;
+  const std::vector<int64_t> offsets = plane.tap_offsets(g);
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    std::vector<acc_t> padded(plane.size()), acc(plane.extended ? plane.lanes : pixels);
-    std::vector<scalar_t> narrow(plane.extended ? plane.lanes : 0);
+    std::vector<acc_t> padded(plane.size()), acc(plane.extended ? plane.lanes + kLanes : pixels), tap_weights(area);
+    std::vector<scalar_t> narrow(plane.extended ? plane.lanes + kLanes : 0);
     cpu::with_isa(isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / g.C_in];
@@ -894,18 +1014,18 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
             const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
             scalar_t* dst = out + row * pixels;
             if (plane.extended) {
-              std::fill(acc.begin(), acc.end(), shift);
-              for (int64_t kh = 0; kh < g.kH; ++kh) {
-                for (int64_t kw = 0; kw < g.kW; ++kw) {
-                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
-                  const acc_t* src = padded.data() + plane.tap_offset(g, kh, kw);
-                  for (int64_t q = 0; q < plane.lanes; ++q) acc[q] += weight * src[q];
-                }
+              for (int64_t t = 0; t < area; ++t) tap_weights[t] = to_acc(taps[t]);
+              taps_multiply_add<acc_t>(padded.data(), offsets.data(), 1, tap_weights.data(), area, nullptr, shift, 0,
+                                       plane.lanes, acc.data());
+              // Narrowed over the whole span (whole vectors), then the rows copied out in order, so the excess of
+              // a row's last vector lands in rows written after it.
+              const scalar_t* rows = reinterpret_cast<const scalar_t*>(acc.data());
+              if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+                store_row(acc.data(), acc_t(0), plane.lanes, narrow.data());
+                rows = narrow.data();
               }
-              // Narrowed over the whole span at once (whole vectors), then the output rows copied out.
-              store_row(acc.data(), acc_t(0), plane.lanes, narrow.data());
               for (int64_t oh = 0; oh < g.H_out; ++oh) {
-                std::copy(narrow.data() + oh * plane.PW, narrow.data() + oh * plane.PW + g.W_out, dst + oh * g.W_out);
+                copy_row(rows + oh * plane.PW, g.W_out, dst + oh * g.W_out, dst + pixels);
               }
             } else {
               for (int64_t oh = 0; oh < g.H_out; ++oh) {
@@ -939,10 +1059,12 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
   const int64_t unit_flops =
       std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels * 2;
+  const std::vector<int64_t> offsets = plane.tap_offsets(g);
+  const int64_t lead = offsets.empty() ? 0 : offsets.back();  // grad_output's rows start this far into their buffer
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    std::vector<acc_t> padded(plane.size()), grad_padded(plane.size());
-    std::vector<acc_t> grad(plane.extended ? plane.lanes : 0), row_values(round_up(pixels, kLanes));
+    std::vector<acc_t> padded(plane.size()), grad_padded(plane.size()), tap_weights(area);
+    std::vector<acc_t> grad(plane.extended ? lead + plane.size() : 0), row_values(round_up(pixels, kLanes));
     acc_t lanes[kLanes];
     cpu::with_isa(isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
@@ -962,21 +1084,24 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
             if (plane.extended) {
               // grad_output in extended rows (gaps and slack zero): per tap one dot product (grad_weight) and one
               // multiply-add back onto the padded plane (grad_templates).
-              std::fill(grad.begin(), grad.end(), acc_t(0));
+              // The rows go to the same places for every row of the bucket, so the gaps stay zero.
               for (int64_t oh = 0; oh < g.H_out; ++oh) {
-                std::copy(row_values.data() + oh * g.W_out, row_values.data() + (oh + 1) * g.W_out,
-                          grad.data() + oh * plane.PW);
+                const acc_t* from = row_values.data() + oh * g.W_out;
+                acc_t* to = grad.data() + lead + oh * plane.PW;
+                for (int64_t ow = 0; ow < g.W_out; ++ow) to[ow] = from[ow];
               }
-              for (int64_t kh = 0; kh < g.kH; ++kh) {
-                for (int64_t kw = 0; kw < g.kW; ++kw) {
-                  const int64_t shift = plane.tap_offset(g, kh, kw);
-                  gw[row * area + kh * g.kW + kw] =
-                      from_acc<scalar_t>(dot_lanes(grad.data(), padded.data() + shift, plane.lanes));
-                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
-                  acc_t* dst = grad_padded.data() + shift;
-                  for (int64_t q = 0; q < plane.lanes; ++q) dst[q] += weight * grad[q];
-                }
+              taps_grad_weight(grad.data() + lead, padded.data(), offsets.data(), area, plane.lanes,
+                               tap_weights.data());
+              for (int64_t t = 0; t < area; ++t) {
+                gw[row * area + t] = from_acc<scalar_t>(tap_weights[t]);
+                tap_weights[t] = to_acc(taps[t]);
               }
+              // grad_templates, added into the padded plane's interior rows: grad_padded[x] += sum over taps t of
+              // weights[t] * grad[lead + x - offsets[t]], every read inside the buffer (zeros around the rows).
+              const int64_t begin = g.pad_h * plane.PW;
+              taps_multiply_add<acc_t>(grad.data() + lead, offsets.data(), -1, tap_weights.data(), area,
+                                       grad_padded.data(), acc_t(0), begin, begin + round_up(g.H * plane.PW, kLanes),
+                                       grad_padded.data());
             } else {
               for (int64_t kh = 0; kh < g.kH; ++kh) {
                 for (int64_t kw = 0; kw < g.kW; ++kw) {
