@@ -33,7 +33,6 @@ class Config:
     template_size: int = 14
     mask_channels: int = 16
     positives_per_image: int = 64
-    mask_loss: str = "bce"                   # "bce" or "bce+dice" (PointINSMaskBranch)
     min_size: int = 800                      # the model's resize: shorter side
     max_size: int = 1333                     # the model's resize: longer side at most
     score_thresh: float = 0.05
@@ -73,7 +72,7 @@ class Config:
 MODEL_FIELDS = ("detector", "backbone", "num_classes", "fpn_channels", "head_convs", "tower_convs",
                 "template_channels", "template_size", "mask_channels")
 
-_CHOICES = {"detector": ("fcos", "retinanet"), "mask_loss": ("bce", "bce+dice"), "optimizer": ("adamw", "sgd"),
+_CHOICES = {"detector": ("fcos", "retinanet"), "optimizer": ("adamw", "sgd"),
             "schedule": ("cosine", "step", "constant"), "device": ("auto", "cpu", "cuda")}
 
 

@@ -22,7 +22,7 @@ from .paste import paste_masks
 
 # Keyword arguments of the detectors and builders that configure the mask branch (see PointINSMaskBranch).
 MASK_BRANCH_OPTIONS = ("template_channels", "template_size", "mask_channels", "kernel_size", "groups", "tower_convs",
-                       "class_specific", "positives_per_image", "mask_loss", "backend")
+                       "class_specific", "positives_per_image", "backend")
 
 
 class _PointINSHead:

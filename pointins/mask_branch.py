@@ -12,9 +12,6 @@ from torchvision.ops import roi_align
 import pointins_ops
 
 
-MASK_LOSSES = ("bce", "bce+dice")
-
-
 class PointINSMaskBranch(nn.Module):
     """Mask branch of PointINS, shared by every FPN level.
 
@@ -57,8 +54,6 @@ class PointINSMaskBranch(nn.Module):
         positives_per_image: positives sampled per image for the mask loss, default 64. Dense detectors match
             tens to hundreds of anchors per image; sampling bounds the branch's training cost independently of
             the number of objects while leaving several positives for each object of a typical image.
-        mask_loss: "bce" (default), binary cross-entropy over the 2S x 2S cells, or "bce+dice", plus each
-            instance's Dice loss, which weighs an instance by its overlap rather than by its cells.
         backend: the ``backend`` passed to ``pointins_ops.instance_aware_conv`` ("auto", "cpu", "cuda",
             "triton" or "torch"); an attribute, so it can be changed on a built model.
         norm_groups: GroupNorm groups of the tower, default 32 (reduced to a divisor of ``in_channels``).
@@ -67,7 +62,7 @@ class PointINSMaskBranch(nn.Module):
     def __init__(self, in_channels: int, instances_per_point: int, num_classes: int, *, template_channels: int = 16,
                  template_size: int = 14, mask_channels: int = 16, kernel_size: int = 3, groups: int = 1,
                  tower_convs: int = 4, class_specific: bool = False, positives_per_image: int = 64,
-                 mask_loss: str = "bce", backend: str = "auto", norm_groups: int = 32) -> None:
+                 backend: str = "auto", norm_groups: int = 32) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("instances_per_point", instances_per_point),
                             ("num_classes", num_classes), ("template_channels", template_channels),
@@ -84,8 +79,6 @@ class PointINSMaskBranch(nn.Module):
         if template_channels % groups or mask_channels % groups:
             raise ValueError(f"PointINSMaskBranch: template_channels and mask_channels must be divisible by groups; "
                              f"got {template_channels}, {mask_channels} and groups={groups}")
-        if mask_loss not in MASK_LOSSES:
-            raise ValueError(f"PointINSMaskBranch: mask_loss must be one of {MASK_LOSSES}; got {mask_loss!r}")
         if backend not in pointins_ops.BACKENDS:
             raise ValueError(f"PointINSMaskBranch: backend must be one of {pointins_ops.BACKENDS}; got {backend!r}")
 
@@ -98,7 +91,6 @@ class PointINSMaskBranch(nn.Module):
         self.groups = groups
         self.class_specific = class_specific
         self.positives_per_image = positives_per_image
-        self.mask_loss = mask_loss
         self.backend = backend
 
         layers: list[nn.Module] = []
@@ -216,10 +208,9 @@ class PointINSMaskBranch(nn.Module):
 
     def loss(self, point_features: Tensor, targets: list[dict[str, Tensor]], matched_idxs: list[Tensor],
              decode_boxes) -> Tensor:
-        """Mask loss of a batch: binary cross-entropy (plus Dice with ``mask_loss="bce+dice"``) between the mask
-        logits of up to ``positives_per_image`` randomly sampled positive anchors per image and their matched
-        ground-truth mask, projected with ``roi_align`` onto the anchor's predicted box (detached, clipped to the
-        image) and thresholded at 0.5.
+        """Mask loss of a batch: binary cross-entropy between the mask logits of up to ``positives_per_image``
+        randomly sampled positive anchors per image and their matched ground-truth mask, projected with
+        ``roi_align`` onto the anchor's predicted box (detached, clipped to the image) and thresholded at 0.5.
 
         Args:
             point_features: ``point_features()``'s output for the batch.
@@ -254,20 +245,7 @@ class PointINSMaskBranch(nn.Module):
                                      return_inverse=True)
         logits = self(point_features.flatten(0, 1)[points], index, anchors % self.instances_per_point,
                       torch.cat(labels))
-        logits, mask_targets = logits.float(), torch.cat(mask_targets).float()
-        loss = F.binary_cross_entropy_with_logits(logits, mask_targets)
-        if self.mask_loss == "bce+dice":
-            loss = loss + dice_loss(logits, mask_targets)
-        return loss + unused
-
-
-def dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
-    """Mean over instances of 1 - Dice(sigmoid(logits), targets), each (n, H, W); ``smooth`` keeps an empty
-    target and an empty prediction at a loss of 0."""
-    probabilities = logits.sigmoid().flatten(1)
-    targets = targets.flatten(1)
-    overlap = (probabilities * targets).sum(1)
-    return (1 - (2 * overlap + smooth) / (probabilities.sum(1) + targets.sum(1) + smooth)).mean()
+        return F.binary_cross_entropy_with_logits(logits.float(), torch.cat(mask_targets).float()) + unused
 
 
 def project_masks_on_boxes(gt_masks: Tensor, gt_index: Tensor, boxes: Tensor, size: int) -> Tensor:

@@ -22,7 +22,7 @@ def build_model(config: Config) -> nn.Module:
         raise PointINSError(f"config: num_classes must be >= 2 (background + categories); got {config.num_classes}")
     mask_options = dict(tower_convs=config.tower_convs, template_channels=config.template_channels,
                         template_size=config.template_size, mask_channels=config.mask_channels,
-                        positives_per_image=config.positives_per_image, mask_loss=config.mask_loss)
+                        positives_per_image=config.positives_per_image)
     detector_options = dict(min_size=config.min_size, max_size=config.max_size, score_thresh=config.score_thresh,
                             detections_per_img=config.detections_per_img)
     if config.fpn_channels == 256 and config.head_convs == 4:

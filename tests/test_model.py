@@ -17,7 +17,7 @@ from torchvision.ops import box_iou
 import pointins
 import pointins.mask_branch as mask_branch_module
 from pointins import PointINSFCOS, PointINSMaskBranch, PointINSRetinaNet, paste_masks
-from pointins.mask_branch import dice_loss, project_masks_on_boxes
+from pointins.mask_branch import project_masks_on_boxes
 
 DETECTORS = {"retinanet": PointINSRetinaNet, "fcos": PointINSFCOS}
 TORCHVISION_DETECTORS = {"retinanet": RetinaNet, "fcos": FCOS}
@@ -223,35 +223,6 @@ def test_overfitting_two_images_halves_the_mask_loss():
         mask_losses.append(loss.item())
     first, last = sum(mask_losses[:3]) / 3, sum(mask_losses[-3:]) / 3
     assert last <= first / 2, mask_losses
-
-
-def test_dice_loss_values():
-    """1 - Dice: 0 for a confident exact mask, 1 - 1 / (n + 1) for a confident miss of n target cells (the
-    smoothing term is 1), and 0 for an empty target predicted empty; each instance weighs the same."""
-    target = torch.zeros(2, 4, 4)
-    target[0, :2, :2] = 1  # 4 cells
-    exact = torch.where(target > 0, 30.0, -30.0)
-    assert dice_loss(exact, target).item() == pytest.approx(0.0, abs=1e-6)
-    miss = torch.where(target > 0, -30.0, 30.0)
-    miss[1] = -30.0  # instance 1: empty target, empty prediction
-    expected_first = 1 - 1 / (12 + 4 + 1)  # 12 predicted cells, 4 target cells, no overlap
-    assert dice_loss(miss, target).item() == pytest.approx(expected_first / 2, abs=1e-6)
-
-
-def test_bce_plus_dice_adds_the_dice_term(monkeypatch):
-    """mask_loss="bce+dice" gives the BCE loss plus dice_loss of the same logits and targets."""
-    seen = []
-    real = mask_branch_module.dice_loss
-    monkeypatch.setattr(mask_branch_module, "dice_loss", lambda *a: seen.append(real(*a)) or seen[-1])
-    losses = {}
-    for mask_loss in ("bce", "bce+dice"):
-        torch.manual_seed(0)
-        model = tiny_model("fcos", positives_per_image=16, mask_loss=mask_loss)
-        images, targets = synthetic_batch(sizes=((64, 64), (64, 64)), seed=0)
-        torch.manual_seed(1)
-        losses[mask_loss] = model(images, targets)["loss_mask"]
-    assert len(seen) == 1 and 0 < seen[0].item() < 1
-    torch.testing.assert_close(losses["bce+dice"], losses["bce"] + seen[0])
 
 
 def test_trained_masks_land_on_the_objects_at_the_original_size():
@@ -507,7 +478,6 @@ def test_projection_then_paste_round_trips_the_ground_truth():
     (dict(groups=3), "divisible by groups"),
     (dict(template_size=0), "template_size must be a positive int"),
     (dict(backend="cuda-ish"), "backend must be one of"),
-    (dict(mask_loss="dice"), "mask_loss must be one of"),
 ])
 def test_mask_branch_rejects_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
