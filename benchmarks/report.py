@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import importlib.metadata
 import json
 import math
 import os
@@ -20,41 +19,12 @@ from pathlib import Path
 
 import torch
 
+from pointins.machine import cpu_model, git_commit, package_version
+
 from .fixed_cost import TINY, is_fixed_cost
 from .model import MODEL
 from .providers import BEST_REFERENCE, POINTINS
 from .run import COLUMNS
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+modified" if dirty else "")
 
 
 def _nvidia_driver() -> str:
@@ -74,15 +44,15 @@ def environment(device: torch.device) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": " ".join(["python -m benchmarks"] + sys.argv[1:]),
         "device": device.type,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "pointins": _version("pointins"),
-        "git_commit": _git_commit(),
+        "triton": package_version("triton"),
+        "pointins": package_version("pointins"),
+        "git_commit": git_commit(),
     }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)

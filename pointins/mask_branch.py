@@ -204,7 +204,7 @@ class PointINSMaskBranch(nn.Module):
         points, index = torch.unique(global_points, return_inverse=True)
         logits = self(point_features.flatten(0, 1)[points], index, anchors % self.instances_per_point,
                       torch.cat(labels))
-        return list(logits.split([len(a) for a in anchor_idxs]))
+        return list(logits.split([a.shape[0] for a in anchor_idxs]))
 
     def loss(self, point_features: Tensor, targets: list[dict[str, Tensor]], matched_idxs: list[Tensor],
              decode_boxes) -> Tensor:

@@ -38,14 +38,8 @@ def build_model(config: Config) -> nn.Module:
     if config.fpn_channels < 64 or config.fpn_channels % 32 or config.head_convs < 0:
         raise PointINSError(f"config: fpn_channels must be a multiple of 32 and >= 64, and head_convs >= 0; got "
                             f"fpn_channels={config.fpn_channels}, head_convs={config.head_convs}")
-    try:
-        resnet = get_model(config.backbone, weights=None)
-    except ValueError as error:
-        raise PointINSError(f"config: backbone {config.backbone!r}: {error}") from None
-    in_channels = _RESNET_CHANNELS.get(config.backbone, [512, 1024, 2048])
     channels = config.fpn_channels
-    backbone = BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, channels,
-                               extra_blocks=LastLevelP6P7(channels, channels))
+    backbone = build_backbone(config)
     if config.detector == "fcos":
         head = PointINSFCOSHead(channels, 1, config.num_classes, num_convs=config.head_convs, **mask_options)
         return PointINSFCOS(backbone, config.num_classes, head=head, **detector_options)
@@ -55,4 +49,18 @@ def build_model(config: Config) -> nn.Module:
     return PointINSRetinaNet(backbone, config.num_classes, **detector_options, **mask_options)
 
 
-__all__ = ["build_model"]
+def build_backbone(config: Config) -> BackboneWithFPN:
+    """The light model's backbone: ``config.backbone`` from scratch with a ``fpn_channels`` wide FPN over its last
+    three stages plus P6 and P7 (P3-P7, strides 8 to 128), as torchvision's RetinaNet and FCOS. Its outputs are
+    named "0", "1", "2" (P3-P5), "p6" and "p7"."""
+    try:
+        resnet = get_model(config.backbone, weights=None)
+    except ValueError as error:
+        raise PointINSError(f"config: backbone {config.backbone!r}: {error}") from None
+    in_channels = _RESNET_CHANNELS.get(config.backbone, [512, 1024, 2048])
+    channels = config.fpn_channels
+    return BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, channels,
+                           extra_blocks=LastLevelP6P7(channels, channels))
+
+
+__all__ = ["build_backbone", "build_model"]

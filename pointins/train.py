@@ -121,15 +121,19 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def lr_factor(step: int, config: Config) -> float:
-    """Multiplier of ``lr`` after ``step`` optimizer steps: linear warm-up, then the schedule."""
+def lr_factor(step: int, config: Config, progress: float | None = None) -> float:
+    """Multiplier of ``lr`` after ``step`` optimizer steps: linear warm-up, then the schedule. A run with a time
+    budget passes ``progress``, the fraction of its budget spent, which then replaces the fraction of
+    ``config.steps`` (after warm-up, for "cosine") that the schedule follows."""
     if step < config.warmup_steps:
         return config.warmup_factor + (1 - config.warmup_factor) * step / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    if config.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
     if config.schedule == "step":
-        return 0.1 ** sum(step >= config.steps * milestone for milestone in (2 / 3, 8 / 9))
+        done = step / config.steps if progress is None else progress
+        return 0.1 ** sum(done >= milestone for milestone in (2 / 3, 8 / 9))
+    if progress is None:
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
     return 1.0
 
 

@@ -45,13 +45,7 @@ class TinyFPN(nn.Module):
         return levels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread saves little, and on a busy CPU waiting threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(detector: str, num_classes: int = 3, **kwargs):

@@ -37,13 +37,7 @@ TINY = ["min_size=64", "max_size=64", "fpn_channels=64", "head_convs=1", "tower_
         "batch_size=2", "warmup_steps=1", "steps=2", "log_every=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread saves little, and on a busy CPU waiting threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
