@@ -1,0 +1,104 @@
+// The decomposition of the op by shape: which kernels run, planned on the host from shapes only (never from
+// index values, so nothing waits for the device and every choice, the summation orders included, is the
+// same for the same shapes on any GPU).
+//
+//   conv      (conv_forward.cu, conv_backward.cu): any shape. Implicit GEMM over a channels-last band of the
+//             template (and of grad_output) staged in shared memory; a slot table replaces im2col.
+//   pointwise (pointwise.cu): 1x1 kernels, stride 1, no padding, large maps: grouped GEMMs on contiguous rows,
+//             fed by a ring of cp.async stages.
+//   depthwise (depthwise.cu): one input channel per group: direct FMA kernels on whole planes.
+#pragma once
+
+#include "buckets.cuh"
+#include "conv_common.cuh"
+
+namespace pointins_ops::cuda {
+
+// The tensors of a call: the op's arguments and the results to fill (undefined where a pass has none).
+struct PassTensors {
+  at::Tensor templates, weight, bias, grad_output;
+  at::Tensor output, grad_templates, grad_weight, grad_bias;
+};
+
+// Whether float32 runs on TF32 tensor cores: torch's setting for cuDNN convolutions, what F.conv2d follows.
+bool conv_allows_tf32();
+
+template <typename Math>
+struct MathTag {
+  using type = Math;
+};
+
+// Calls f(MathTag<Math>{}) with the math policy (tiles.cuh) the dtype runs on.
+template <typename F>
+void with_math(at::ScalarType dtype, bool tf32, F&& f) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return f(MathTag<MathBF16>{});
+    case at::kHalf:
+      return f(MathTag<MathF16>{});
+    case at::kFloat:
+      return tf32 ? f(MathTag<MathTF32>{}) : f(MathTag<MathF32>{});
+    case at::kDouble:
+      return f(MathTag<MathF64>{});
+    default:
+      TORCH_CHECK(false, "instance_aware_conv (CUDA): unsupported dtype ", dtype);
+  }
+}
+
+// The kernels' view of a call's tensors (undefined ones become null pointers).
+template <typename scalar_t>
+Tensors<scalar_t> kernel_tensors(const PassTensors& pt) {
+  const auto in = [](const at::Tensor& x) { return x.defined() ? x.const_data_ptr<scalar_t>() : nullptr; };
+  const auto out = [](const at::Tensor& x) { return x.defined() ? x.mutable_data_ptr<scalar_t>() : nullptr; };
+  Tensors<scalar_t> t;
+  t.templates = in(pt.templates);
+  t.t_p = pt.templates.stride(0), t.t_c = pt.templates.stride(1);
+  t.t_h = pt.templates.stride(2), t.t_w = pt.templates.stride(3);
+  t.weight = in(pt.weight);
+  t.bias = in(pt.bias);
+  t.grad_output = in(pt.grad_output);
+  t.output = out(pt.output);
+  t.grad_templates = out(pt.grad_templates);
+  t.grad_weight = out(pt.grad_weight);
+  t.grad_bias = out(pt.grad_bias);
+  return t;
+}
+
+// --- conv path, forward ---
+struct ConvForwardPlan {
+  int tile_rows = 16;               // rows of a bucket per tile (BM)
+  int rows_pad = 32;                // BM rounded up to whole 32-row items
+  int tile_h = 1, tile_w = 1;       // output pixels per tile
+  int tiles_h = 1, tiles_w = 1;     // tiles per template
+  int chunk = 16, chunks = 1;       // input channels staged at a time, stages per tile
+  int pixels_pad = 32;              // tile_h * tile_w rounded up to whole items
+  int band_h = 1, band_w = 1;       // largest input band of a tile
+  int pitch_a = 0, pitch_b = 0;     // shared-memory row pitches (elements)
+  std::size_t off_rows = 0, off_table = 0, off_pixels = 0, off_a = 0, off_b = 0, smem = 0;
+  FastDiv div_taps, div_row;        // by taps, and by chunk * taps
+};
+ConvForwardPlan plan_conv_forward(const Shape& s, std::size_t element_size, int k_step, int tile_rows);
+void run_conv_forward(const ConvForwardPlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b,
+                      bool tf32);
+
+// --- conv path, backward ---
+struct ConvBackwardPlan {
+  bool fused = true;                  // one launch for both gradients (the whole template in one tile)
+  int tile_rows = 32, rows_pad = 32;  // bucket rows staged at a time (and row tiles of the grad_weight launch)
+  int c_tile = 16, c_tiles = 1;       // input channels per unit
+  int c_pad = 16;                     // c_tile padded: 16 or 32
+  int tile_h = 1, tile_w = 1;         // input pixels of a spatial tile
+  int tiles_h = 1, tiles_w = 1;
+  int in_pad = 32, own_pad = 32;      // input pixels of a tile, output pixels it owns: padded to whole items
+  int pitch_g = 0, pitch_t = 0, pitch_w = 0;
+  std::size_t off_rows = 0, off_tbl_g = 0, off_in_off = 0, off_own = 0, off_tbl_t = 0, off_go = 0, off_t = 0,
+              off_w = 0, smem = 0;
+  FastDiv div_taps, div_row;  // by taps, by c_pad * taps
+  // 32 x 32 grad_templates items a warp keeps in registers across the rows of a bucket
+  static constexpr int persistent_items(std::size_t accumulator_bytes) { return accumulator_bytes == 8 ? 1 : 2; }
+};
+ConvBackwardPlan plan_conv_backward(const Shape& s, std::size_t element_size, int k_step, int avg_rows);
+void run_conv_backward(const ConvBackwardPlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b,
+                       bool tf32);
+
+}  // namespace pointins_ops::cuda
