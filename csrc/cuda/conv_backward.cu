@@ -18,6 +18,7 @@
 // As in the forward, tables map (tap, pixel) to staged slots, with one slot of zeros for padding, stride
 // holes and rows past the end, so the inner loops are ldmatrix + mma (or vector loads + FFMA) only.
 #include "paths.h"
+#include "staging.cuh"
 
 namespace pointins_ops::cuda {
 namespace {
@@ -58,57 +59,209 @@ PI_DEVICE AxisRegions axis_regions(int lo, int hi, int size, int size_out, int s
   return r;
 }
 
+// The regions of one spatial tile of input pixels, and their sizes.
+struct Regions {
+  AxisRegions h, w;
+  int go_w, go_slots, t_w, t_slots, own_w, own_count, in_h0, in_w0, in_tile_w, in_count;
+};
+
+PI_DEVICE Regions regions_of(int sp, int mode, const Shape& s, const ConvBackwardPlan& plan) {
+  Regions r;
+  const int th = sp / plan.tiles_w, tw = sp % plan.tiles_w;
+  r.in_h0 = th * plan.tile_h, r.in_w0 = tw * plan.tile_w;
+  const int in_h1 = min(s.H, r.in_h0 + plan.tile_h), in_w1 = min(s.W, r.in_w0 + plan.tile_w);
+  r.in_tile_w = in_w1 - r.in_w0;
+  r.in_count = (in_h1 - r.in_h0) * r.in_tile_w;
+  r.h = axis_regions(r.in_h0, in_h1, s.H, s.H_out, s.stride_h, s.pad_h, s.dil_h, s.kH, mode);
+  r.w = axis_regions(r.in_w0, in_w1, s.W, s.W_out, s.stride_w, s.pad_w, s.dil_w, s.kW, mode);
+  r.go_w = r.w.go_hi - r.w.go_lo;
+  r.go_slots = (r.h.go_hi - r.h.go_lo) * r.go_w;
+  r.t_w = r.w.t_hi - r.w.t_lo;
+  r.t_slots = (r.h.t_hi - r.h.t_lo) * r.t_w;
+  r.own_w = r.w.own_hi - r.w.own_lo;
+  r.own_count = (r.h.own_hi - r.h.own_lo) * r.own_w;
+  return r;
+}
+
+// One unit of work: (template, group, channel tile, spatial tile) for the fused and grad_templates modes, (row
+// tile, group, channel tile) for the grad_weight mode; its stages ("subs": chunks of rows, or spatial tiles)
+// repeat for each group of items when the unit has more items than the warps keep.
+struct BackwardUnit {
+  int p, group, c0, c_count, sp;
+  int first, rows;  // grad_weight mode: the row tile; else the bucket's rows are [0, rows)
+  bool has_template;
+  int subs, item_groups;
+};
+
+PI_DEVICE BackwardUnit backward_unit(int unit, int mode, const Shape& s, const Buckets& buckets,
+                                     const ConvBackwardPlan& plan, int persist) {
+  BackwardUnit u;
+  const int spatial = plan.tiles_h * plan.tiles_w;
+  if (mode != kWeightOnly) {
+    u.sp = unit % spatial;
+    int rest = unit / spatial;
+    const int ct = rest % plan.c_tiles;
+    rest /= plan.c_tiles;
+    u.group = rest % s.groups;
+    u.p = rest / s.groups;
+    u.c0 = ct * plan.c_tile;
+    u.first = 0;
+    u.rows = buckets.rows(u.p);
+    u.has_template = u.p < s.P;
+    u.subs = max(1, ceil_div(u.rows, plan.tile_rows));
+    const int th = u.sp / plan.tiles_w, tw = u.sp % plan.tiles_w;
+    const int in_count = (min(s.H, (th + 1) * plan.tile_h) - th * plan.tile_h) *
+                         (min(s.W, (tw + 1) * plan.tile_w) - tw * plan.tile_w);
+    u.c_count = min(plan.c_tile, s.Cig - u.c0);
+    const int items = u.has_template ? ceil_div(u.c_count, 16) * ceil_div(in_count, 64) : 0;
+    u.item_groups = mode == kFused ? 1 : max(1, ceil_div(items, kWarps * persist));
+  } else {
+    const int ct = unit % plan.c_tiles;
+    const int rest = unit / plan.c_tiles;
+    u.group = rest % s.groups;
+    const TileInfo tile = buckets.tile(rest / s.groups);
+    u.p = tile.p;
+    u.first = tile.first;
+    u.rows = min(plan.tile_rows, buckets.rows(tile.p) - tile.first);
+    u.c0 = ct * plan.c_tile;
+    u.c_count = min(plan.c_tile, s.Cig - u.c0);
+    u.has_template = u.p < s.P;
+    u.sp = 0;
+    u.subs = spatial;
+    const int items = ceil_div(u.rows, kItemM) * ceil_div(s.taps * plan.c_pad, kItemN);
+    u.item_groups = max(1, ceil_div(items, kWarps * persist));
+  }
+  return u;
+}
+
 template <typename Math>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     conv_backward_kernel(Tensors<typename Math::elem> t, Shape s, Buckets buckets, ConvBackwardPlan plan, int mode) {
   using scalar_t = typename Math::elem;
   using acc_t = typename Math::acc;
-  using Item = WarpItem<Math>;
+  using Item = WarpItem<Math>;              // grad_weight: 32 rows x 32 (tap, channel) columns
+  using TemplateItem = WarpItem<Math, 1, 8>;  // grad_templates: 16 channels x 64 input pixels
+  constexpr int kTM = 16, kTN = 64;
   constexpr int kPersist = ConvBackwardPlan::persistent_items(sizeof(acc_t));
+  constexpr int kElem = static_cast<int>(sizeof(scalar_t));
   unsigned char* smem = dynamic_smem();
   auto* rows_s = reinterpret_cast<int64_t*>(smem + plan.off_rows);
-  auto* tbl_g = reinterpret_cast<int*>(smem + plan.off_tbl_g);       // [tap][input pixel] -> grad_output slot
+  auto* tbl_g = reinterpret_cast<int16_t*>(smem + plan.off_tbl_g);   // [tap][input pixel] -> grad_output slot
   auto* in_off = reinterpret_cast<int*>(smem + plan.off_in_off);     // input pixel offset, or -1
-  auto* own_slot = reinterpret_cast<int*>(smem + plan.off_own);      // owned output pixel k -> grad_output slot
-  auto* tbl_t = reinterpret_cast<int*>(smem + plan.off_tbl_t);       // [tap][owned output pixel] -> template slot
+  auto* own_slot = reinterpret_cast<int16_t*>(smem + plan.off_own);  // owned output pixel k -> grad_output slot
+  auto* tbl_t = reinterpret_cast<int16_t*>(smem + plan.off_tbl_t);   // [tap][owned output pixel] -> template slot
   auto* go_s = reinterpret_cast<scalar_t*>(smem + plan.off_go);      // [slot][row]
   auto* t_s = reinterpret_cast<scalar_t*>(smem + plan.off_t);        // [slot][c]
   auto* w_s = reinterpret_cast<scalar_t*>(smem + plan.off_w);        // [c][tap][row]
+  auto* raw_g = reinterpret_cast<scalar_t*>(smem + plan.off_raw_g);  // grad_output rows as in global memory
+  auto* raw_w = reinterpret_cast<scalar_t*>(smem + plan.off_raw_w);  // weight rows as in global memory
+  auto* raw_t = reinterpret_cast<scalar_t*>(smem + plan.off_raw_t);  // the template region
   const int tid = static_cast<int>(threadIdx.x), warp = warp_id();
-  const int spatial = plan.tiles_h * plan.tiles_w;
   const int c_shift = plan.c_pad == 16 ? 4 : 5;
   const int gw_cols = s.taps * plan.c_pad;
+  // < 2^31 (host check)
+  const int units = mode == kWeightOnly ? buckets.tile_count() * s.groups * plan.c_tiles
+                                        : (mode == kFused ? s.P + 1 : s.P) * s.groups * plan.c_tiles * plan.tiles_h *
+                                              plan.tiles_w;
 
-  int64_t units;
-  if (mode == kWeightOnly) {
-    units = static_cast<int64_t>(buckets.tile_count()) * s.groups * plan.c_tiles;
-  } else {
-    units = static_cast<int64_t>(mode == kFused ? s.P + 1 : s.P) * s.groups * plan.c_tiles * spatial;
-  }
+  // The staged rows of a stage: [first, first + count) of the bucket.
+  const auto stage_rows = [&](const BackwardUnit& u, int sub, int& first, int& count) {
+    if (mode == kWeightOnly) {
+      first = u.first, count = u.rows;
+    } else {
+      first = sub * plan.tile_rows, count = max(0, min(plan.tile_rows, u.rows - first));
+    }
+  };
+  const auto stage_regions = [&](const BackwardUnit& u, int sub) {
+    return regions_of(mode == kWeightOnly ? sub : u.sp, mode, s, plan);
+  };
+  const auto grad_output_whole = [&](const Regions& r) { return r.go_w == s.W_out; };
+  const auto stages_template = [&](int ig, int sub) { return mode == kWeightOnly || (mode == kFused && ig == 0 && sub == 0); };
 
-  // Regions and tables of spatial tile `sp`; returns the grad_output / template region sizes it staged.
-  struct Regions {
-    AxisRegions h, w;
-    int go_w, go_slots, t_w, t_slots, own_w, own_count, in_h0, in_w0, in_tile_w, in_count;
+  // --- the raw copies of one stage (one cp.async group) ---
+  const auto issue = [&](const BackwardUnit& u, int ig, int sub) {
+    int first, count;
+    stage_rows(u, sub, first, count);
+    const Regions r = stage_regions(u, sub);
+    const int go_h = r.h.go_hi - r.h.go_lo;
+    if (count > 0 && r.go_slots > 0) {
+      const scalar_t* g0 = t.grad_output + static_cast<int64_t>(r.h.go_lo) * s.W_out + r.w.go_lo;
+      const auto row_of = [&](int i) { return buckets.row_id(u.p, first + i, u.group, s.C_out); };
+      if (grad_output_whole(r)) {
+        copy_runs(raw_g, plan.raw_g_pitch, count, r.go_slots,
+                  common_granule(reinterpret_cast<uintptr_t>(g0), s.out_pixels * kElem),
+                  [&](int i) { return g0 + row_of(i) * s.out_pixels; }, t.weight);
+      } else {
+        const FastDiv div_h(static_cast<uint32_t>(go_h));
+        copy_runs(raw_g, plan.raw_g_row_pitch, count * go_h, r.go_w,
+                  min(common_granule(reinterpret_cast<uintptr_t>(g0), s.out_pixels * kElem),
+                      granule_of(static_cast<uint64_t>(s.W_out) * kElem)),
+                  [&](int run) {
+                    uint32_t i, oh;
+                    div_h.divmod(static_cast<uint32_t>(run), i, oh);
+                    return g0 + row_of(static_cast<int>(i)) * s.out_pixels + static_cast<int64_t>(oh) * s.W_out;
+                  },
+                  t.weight);
+      }
+    }
+    if (mode != kWeightOnly && count > 0 && u.has_template) {
+      const scalar_t* w0 = t.weight + static_cast<int64_t>(u.c0) * s.taps;
+      copy_runs(raw_w, plan.raw_w_pitch, count, u.c_count * s.taps,
+                common_granule(reinterpret_cast<uintptr_t>(w0), s.K * kElem),
+                [&](int i) { return w0 + buckets.row_id(u.p, first + i, u.group, s.C_out) * s.K; }, t.weight);
+    }
+    if (stages_template(ig, sub) && u.has_template && r.t_slots > 0) {
+      const scalar_t* tpl = t.templates + u.p * t.t_p + static_cast<int64_t>(u.group * s.Cig + u.c0) * t.t_c;
+      copy_template_region(tpl, t, s, u.c_count, r.h.t_lo, r.w.t_lo, r.h.t_hi - r.h.t_lo, r.t_w, raw_t,
+                           plan.raw_t_pitch);
+    }
+    cp_async_commit();
   };
-  const auto regions_of = [&](int sp, int m) {
-    Regions r;
-    const int th = sp / plan.tiles_w, tw = sp % plan.tiles_w;
-    r.in_h0 = th * plan.tile_h, r.in_w0 = tw * plan.tile_w;
-    const int in_h1 = min(s.H, r.in_h0 + plan.tile_h), in_w1 = min(s.W, r.in_w0 + plan.tile_w);
-    r.in_tile_w = in_w1 - r.in_w0;
-    r.in_count = (in_h1 - r.in_h0) * r.in_tile_w;
-    r.h = axis_regions(r.in_h0, in_h1, s.H, s.H_out, s.stride_h, s.pad_h, s.dil_h, s.kH, m);
-    r.w = axis_regions(r.in_w0, in_w1, s.W, s.W_out, s.stride_w, s.pad_w, s.dil_w, s.kW, m);
-    r.go_w = r.w.go_hi - r.w.go_lo;
-    r.go_slots = (r.h.go_hi - r.h.go_lo) * r.go_w;
-    r.t_w = r.w.t_hi - r.w.t_lo;
-    r.t_slots = (r.h.t_hi - r.h.t_lo) * r.t_w;
-    r.own_w = r.w.own_hi - r.w.own_lo;
-    r.own_count = (r.h.own_hi - r.h.own_lo) * r.own_w;
-    return r;
+
+  // --- the raw copies rearranged: grad_output [slot][row], weights [c][tap][row], template [slot][c] ---
+  const auto transpose = [&](const BackwardUnit& u, int ig, int sub, const Regions& r) {
+    int first, count;
+    stage_rows(u, sub, first, count);
+    const int go_h = r.h.go_hi - r.h.go_lo;
+    const bool whole = grad_output_whole(r);
+    const int raw_row = whole ? plan.raw_g_pitch : go_h * plan.raw_g_row_pitch;
+    const int raw_h = whole ? s.W_out : plan.raw_g_row_pitch;
+    const FastDiv div_w(static_cast<uint32_t>(max(r.go_w, 1)));
+    for (int e = tid; e < (r.go_slots + 1) * plan.rows_pad; e += kThreads) {
+      uint32_t slot, row, oh, ow;
+      plan.div_rows.divmod(static_cast<uint32_t>(e), slot, row);
+      div_w.divmod(slot, oh, ow);
+      scalar_t v = scalar_t(0);
+      if (static_cast<int>(row) < count && static_cast<int>(slot) < r.go_slots) {
+        v = raw_g[row * raw_row + oh * raw_h + ow];
+      }
+      go_s[slot * plan.pitch_g + row] = v;
+    }
+    if (mode != kWeightOnly) {
+      const bool real = u.has_template;
+      for (int e = tid; e < plan.c_pad * s.taps * plan.rows_pad; e += kThreads) {
+        uint32_t ct, row, c, tap;
+        plan.div_rows.divmod(static_cast<uint32_t>(e), ct, row);
+        plan.div_taps.divmod(ct, c, tap);
+        scalar_t v = scalar_t(0);
+        if (real && static_cast<int>(row) < count && static_cast<int>(c) < u.c_count) {
+          v = raw_w[row * plan.raw_w_pitch + c * s.taps + tap];
+        }
+        w_s[c * plan.pitch_w + tap * plan.rows_pad + row] = v;
+      }
+    }
+    if (stages_template(ig, sub) && u.has_template) {
+      const int t_h = r.h.t_hi - r.h.t_lo;
+      template_to_channels_last(raw_t, template_region_layout(t, s, t_h, r.t_w, plan.raw_t_pitch), u.c_count,
+                                plan.c_pad, plan.div_c, t_h, r.t_w, t_s, plan.pitch_t);
+    }
+    for (int i = tid; i < plan.rows_pad; i += kThreads) {
+      rows_s[i] = i < count ? buckets.row_id(u.p, first + i, u.group, s.C_out) : -1;
+    }
   };
-  // gradient-of-templates tables: for each input pixel of the tile and tap, the grad_output slot it reads.
+
+  // --- tables ---
+  // grad_templates: for each input pixel of the tile and tap, the grad_output slot it reads.
   const auto build_in_tables = [&](const Regions& r) {
     for (int n = tid; n < plan.in_pad; n += kThreads) {
       const bool real = n < r.in_count;
@@ -123,62 +276,31 @@ __global__ void __launch_bounds__(kThreads)
           const int num_w = iw + s.pad_w - kw * s.dil_w;
           const int ow = num_w >= 0 ? num_w / s.stride_w : -1;
           const bool ok = real && ok_h && num_w >= 0 && ow * s.stride_w == num_w && ow >= r.w.go_lo && ow < r.w.go_hi;
-          tbl_g[tap * plan.in_pad + n] = ok ? (oh - r.h.go_lo) * r.go_w + (ow - r.w.go_lo) : r.go_slots;
+          tbl_g[tap * plan.in_pad + n] = static_cast<int16_t>(ok ? (oh - r.h.go_lo) * r.go_w + (ow - r.w.go_lo)
+                                                                 : r.go_slots);
         }
       }
     }
   };
-  // gradient-of-weights tables: the owned output pixels, their grad_output slots and, per tap, template slots.
+  // grad_weight: the owned output pixels, their grad_output slots and, per tap, their template slots.
   const auto build_own_tables = [&](const Regions& r) {
     for (int k = tid; k < plan.own_pad; k += kThreads) {
       const bool real = k < r.own_count;
       const int oh = r.h.own_lo + (real ? k / r.own_w : 0), ow = r.w.own_lo + (real ? k % r.own_w : 0);
-      own_slot[k] = real ? (oh - r.h.go_lo) * r.go_w + (ow - r.w.go_lo) : r.go_slots;
+      own_slot[k] = static_cast<int16_t>(real ? (oh - r.h.go_lo) * r.go_w + (ow - r.w.go_lo) : r.go_slots);
       int tap = 0;
       for (int kh = 0; kh < s.kH; ++kh) {
         const int ih = oh * s.stride_h - s.pad_h + kh * s.dil_h - r.h.t_lo;
         for (int kw = 0; kw < s.kW; ++kw, ++tap) {
           const int iw = ow * s.stride_w - s.pad_w + kw * s.dil_w - r.w.t_lo;
           const bool ok = real && ih >= 0 && ih < r.h.t_hi - r.h.t_lo && iw >= 0 && iw < r.t_w;
-          tbl_t[tap * plan.own_pad + k] = ok ? ih * r.t_w + iw : r.t_slots;
+          tbl_t[tap * plan.own_pad + k] = static_cast<int16_t>(ok ? ih * r.t_w + iw : r.t_slots);
         }
       }
     }
   };
-  const auto fill_rows = [&](int p, int first, int rows, int group) {
-    for (int r = tid; r < plan.rows_pad; r += kThreads) {
-      rows_s[r] = r < rows ? buckets.row_id(p, first + r, group, s.C_out) : -1;
-    }
-  };
-  // grad_output of the staged rows over the tile's grad_output region, [slot][row], and the zero slot.
-  const auto stage_grad_output = [&](const Regions& r) {
-    const FastDiv div_slots(static_cast<uint32_t>(max(r.go_slots, 1))), div_w(static_cast<uint32_t>(max(r.go_w, 1)));
-    for (int e = tid; e < plan.rows_pad * r.go_slots; e += kThreads) {
-      uint32_t row, slot, oh, ow;
-      div_slots.divmod(static_cast<uint32_t>(e), row, slot);
-      div_w.divmod(slot, oh, ow);
-      const int64_t id = rows_s[row];
-      scalar_t v = scalar_t(0);
-      if (id >= 0) {
-        v = t.grad_output[id * s.out_pixels + static_cast<int64_t>(r.h.go_lo + static_cast<int>(oh)) * s.W_out +
-                          r.w.go_lo + static_cast<int>(ow)];
-      }
-      go_s[slot * plan.pitch_g + row] = v;
-    }
-    for (int row = tid; row < plan.rows_pad; row += kThreads) go_s[r.go_slots * plan.pitch_g + row] = scalar_t(0);
-  };
-  // weights of the staged rows for channels [c0, c0 + c_pad), as [c][tap][row].
-  const auto stage_weight = [&](int c0) {
-    stage_weight_rows(t.weight, s, rows_s, plan.rows_pad, plan.c_pad, c0, plan.div_row, plan.div_taps,
-                      [&](int r, int c, int tap, scalar_t v) { w_s[c * plan.pitch_w + tap * plan.rows_pad + r] = v; });
-  };
-  // the template's region, channels [c0, c0 + c_pad) of group `group`, as [slot][c], and the zero slot.
-  const auto stage_template = [&](const Regions& r, int p, int group, int c0) {
-    stage_template_band(t.templates + p * t.t_p + static_cast<int64_t>(group) * s.Cig * t.t_c, t, s, c0, plan.c_pad,
-                        r.h.t_lo, r.w.t_lo, r.h.t_hi - r.h.t_lo, r.t_w, t_s, plan.pitch_t);
-  };
 
-  // One grad_weight item (rows 32 im.., columns 32 in.. of (tap, c)) over the owned output pixels.
+  // --- grad_weight items: rows 32 im.. x columns 32 in.. of (tap, c), over the owned output pixels ---
   const auto weight_item = [&](Item& item, int im, int in, int rows, bool products, bool sums) {
     const int m_tiles = min(2, ceil_div(rows - im * kItemM, 16));
     const int n_tiles = min(4, (gw_cols - in * kItemN) / 8);
@@ -197,11 +319,11 @@ __global__ void __launch_bounds__(kThreads)
       item.template run<Major::MN, Major::MN, true, false>(row_a, row_b, steps, m_tiles, n_tiles);
     }
   };
-  const auto store_weight_item = [&](const Item& item, int im, int in, int rows, int c0, bool nan, bool sums) {
+  const auto store_weight_item = [&](const Item& item, int im, int in, int rows, int c0, int c_count, bool nan,
+                                     bool sums) {
     const int m_tiles = min(2, ceil_div(rows - im * kItemM, 16));
     const int n_tiles = min(4, (gw_cols - in * kItemN) / 8);
-    const int c_count = min(plan.c_pad, s.Cig - c0);
-    item_results<Math, Major::MN, Major::MN>(item, m_tiles, n_tiles, [&](int m, int n, acc_t v) {
+    item_results<Major::MN, Major::MN>(item, m_tiles, n_tiles, [&](int m, int n, acc_t v) {
       const int r = im * kItemM + m, col = in * kItemN + n;
       const int c = col & (plan.c_pad - 1), tap = col >> c_shift;
       if (r < rows && col < gw_cols && c < c_count) {
@@ -210,135 +332,106 @@ __global__ void __launch_bounds__(kThreads)
       }
     });
     if (sums) {
-      item_sums<Math, Major::MN>(item, m_tiles, [&](int m, acc_t v) {
+      item_sums<Major::MN>(item, m_tiles, [&](int m, acc_t v) {
         const int r = im * kItemM + m;
         if (r < rows) t.grad_bias[rows_s[r]] = static_cast<scalar_t>(v);
       });
     }
   };
-  // One grad_templates item (channels 32 im.., input pixels 32 in..) over the staged rows, all taps.
-  const auto template_item = [&](Item& item, int im, int in, int c_count, int in_count) {
-    const int m_tiles = min(2, ceil_div(c_count - im * kItemM, 16));
-    const int n_tiles = min(4, ceil_div(in_count - in * kItemN, 8));
+  // --- grad_templates items: channels 16 im.. x input pixels 64 in.., over the staged rows and all taps ---
+  const auto template_item = [&](TemplateItem& item, int im, int in, int in_count) {
+    const int n_tiles = min(8, ceil_div(in_count - in * kTN, 8));
     for (int tap = 0; tap < s.taps; ++tap) {
-      const scalar_t* a_base = w_s + tap * plan.rows_pad;
-      const int* tap_table = tbl_g + tap * plan.in_pad + in * kItemN;
-      item.template run<Major::K, Major::K>(
-          [&](int i) { return a_base + (im * kItemM + i) * plan.pitch_w; },
-          [&](int i) { return go_s + tap_table[i] * plan.pitch_g; }, plan.rows_pad / Math::kK, m_tiles, n_tiles);
+      const scalar_t* a_base = w_s + tap * plan.rows_pad + im * kTM * plan.pitch_w;
+      const int16_t* tap_table = tbl_g + tap * plan.in_pad + in * kTN;
+      item.template run<Major::K, Major::K>([&](int i) { return a_base + i * plan.pitch_w; },
+                                            [&](int i) { return go_s + tap_table[i] * plan.pitch_g; },
+                                            plan.rows_pad / Math::kK, 1, n_tiles);
     }
   };
-  const auto store_template_item = [&](const Item& item, int im, int in, int c_count, int in_count, int64_t base) {
-    const int m_tiles = min(2, ceil_div(c_count - im * kItemM, 16));
-    const int n_tiles = min(4, ceil_div(in_count - in * kItemN, 8));
-    item_results<Math, Major::K, Major::K>(item, m_tiles, n_tiles, [&](int m, int n, acc_t v) {
-      const int c = im * kItemM + m, px = in * kItemN + n;
+  const auto store_template_item = [&](const TemplateItem& item, int im, int in, int c_count, int in_count,
+                                       int64_t base) {
+    const int n_tiles = min(8, ceil_div(in_count - in * kTN, 8));
+    item_results<Major::K, Major::K>(item, 1, n_tiles, [&](int m, int n, acc_t v) {
+      const int c = im * kTM + m, px = in * kTN + n;
       if (c < c_count && px < in_count) t.grad_templates[base + c * s.in_pixels + in_off[px]] = static_cast<scalar_t>(v);
     });
   };
 
-  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
-    if (mode != kWeightOnly) {
-      const int sp = static_cast<int>(unit % spatial);
-      int64_t rest = unit / spatial;
-      const int ct = static_cast<int>(rest % plan.c_tiles);
-      rest /= plan.c_tiles;
-      const int group = static_cast<int>(rest % s.groups);
-      const int p = static_cast<int>(rest / s.groups);
-      const int c0 = ct * plan.c_tile;
-      const int c_count = min(plan.c_tile, s.Cig - c0);
-      const Regions r = regions_of(sp, mode);
-      const int bucket_rows = buckets.rows(p);
-      const bool has_template = p < s.P;
-      const bool fused = mode == kFused;
-      const int m_items = ceil_div(c_count, kItemM), n_items = ceil_div(r.in_count, kItemN);
-      const int gt_items = has_template ? m_items * n_items : 0;
-      const int gt_groups = ceil_div(gt_items, kWarps * kPersist);
-      const int64_t gt_base = (static_cast<int64_t>(p) * s.C_in + group * s.Cig + c0) * s.in_pixels;
-
-      __syncthreads();
-      build_in_tables(r);
-      if (fused) build_own_tables(r);
-      if (fused && has_template) stage_template(r, p, group, c0);
-      __syncthreads();  // tables complete before any warp reads them (an empty bucket goes straight to its store)
-      // A unit's item groups (more than one only without fusion) each walk all the rows again.
-      for (int ig = 0; ig < max(gt_groups, fused ? 1 : 0); ++ig) {
-        Item acc[kPersist];
-#pragma unroll
-        for (int j = 0; j < kPersist; ++j) acc[j].zero();
-        for (int first = 0; first < bucket_rows; first += plan.tile_rows) {
-          const int rows = min(plan.tile_rows, bucket_rows - first);
-          __syncthreads();
-          fill_rows(p, first, rows, group);
-          __syncthreads();
-          stage_grad_output(r);
-          stage_weight(c0);
-          __syncthreads();
-          if (fused) {  // this chunk's grad_weight rows, complete (one spatial tile holds every output pixel)
-            const int w_m = ceil_div(rows, kItemM), w_n = ceil_div(gw_cols, kItemN);
-            for (int it = warp; it < w_m * w_n; it += kWarps) {
-              const int im = it / w_n, in = it % w_n;
-              const bool sums = ct == 0 && in == 0;
-              Item item;
-              item.zero();
-              weight_item(item, im, in, rows, has_template, sums);
-              store_weight_item(item, im, in, rows, c0, !has_template, sums);
-            }
-          }
-          if (has_template) {
-#pragma unroll
-            for (int j = 0; j < kPersist; ++j) {
-              const int it = (ig * kPersist + j) * kWarps + warp;
-              if (it < gt_items) template_item(acc[j], it / n_items, it % n_items, c_count, r.in_count);
-            }
-          }
-        }
-        if (has_template) {
-#pragma unroll
-          for (int j = 0; j < kPersist; ++j) {
-            const int it = (ig * kPersist + j) * kWarps + warp;
-            if (it < gt_items) store_template_item(acc[j], it / n_items, it % n_items, c_count, r.in_count, gt_base);
-          }
-        }
+  // --- the block's stages: (unit, item group, sub) in order, each one's copies issued one stage ahead ---
+  const auto pipeline = [&](const auto& body) {
+    int unit = static_cast<int>(blockIdx.x);
+    int ig = 0, sub = 0;
+    if (unit < units) issue(backward_unit(unit, mode, s, buckets, plan, kPersist), 0, 0);
+    while (unit < units) {
+      const BackwardUnit u = backward_unit(unit, mode, s, buckets, plan, kPersist);
+      const Regions r = stage_regions(u, sub);
+      int next_unit = unit;  // the stage after this one
+      int next_ig = ig, next_sub = sub + 1;
+      if (next_sub == u.subs) {
+        next_sub = 0;
+        if (++next_ig == u.item_groups) next_ig = 0, next_unit += static_cast<int>(gridDim.x);
       }
-    } else {
-      const int ct = static_cast<int>(unit % plan.c_tiles);
-      int64_t rest = unit / plan.c_tiles;
-      const int group = static_cast<int>(rest % s.groups);
-      const int tile_index = static_cast<int>(rest / s.groups);
-      const TileInfo tile = buckets.tile(tile_index);
-      const int rows = min(plan.tile_rows, buckets.rows(tile.p) - tile.first);
-      const int c0 = ct * plan.c_tile;
-      const bool has_template = tile.p < s.P;
-      const int w_m = ceil_div(rows, kItemM), w_n = ceil_div(gw_cols, kItemN);
-      const int items = w_m * w_n;
-      __syncthreads();
-      fill_rows(tile.p, tile.first, rows, group);
-      for (int ig = 0; ig < ceil_div(items, kWarps * kPersist); ++ig) {
-        Item acc[kPersist];
-#pragma unroll
-        for (int j = 0; j < kPersist; ++j) acc[j].zero();
-        for (int sp = 0; sp < spatial; ++sp) {
-          const Regions r = regions_of(sp, kWeightOnly);
-          __syncthreads();
-          build_own_tables(r);
-          stage_grad_output(r);
-          if (has_template) stage_template(r, tile.p, group, c0);
-          __syncthreads();
-#pragma unroll
-          for (int j = 0; j < kPersist; ++j) {
-            const int it = (ig * kPersist + j) * kWarps + warp;
-            if (it < items) weight_item(acc[j], it / w_n, it % w_n, rows, has_template, ct == 0 && it % w_n == 0);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < kPersist; ++j) {
-          const int it = (ig * kPersist + j) * kWarps + warp;
-          if (it < items) store_weight_item(acc[j], it / w_n, it % w_n, rows, c0, !has_template, ct == 0 && it % w_n == 0);
-        }
+      cp_async_wait<0>();
+      __syncthreads();  // this stage's copies landed everywhere; the previous stage's readers are done
+      if (mode != kWeightOnly && ig == 0 && sub == 0) {
+        build_in_tables(r);
+        if (mode == kFused) build_own_tables(r);
       }
+      if (mode == kWeightOnly) build_own_tables(r);
+      transpose(u, ig, sub, r);
+      __syncthreads();
+      if (next_unit < units) issue(backward_unit(next_unit, mode, s, buckets, plan, kPersist), next_ig, next_sub);
+      body(u, r, ig, sub);
+      unit = next_unit, ig = next_ig, sub = next_sub;
     }
+  };
+
+  if (mode == kWeightOnly) {
+    Item gw_acc[kPersist];  // grad_weight items kept across the spatial tiles
+    pipeline([&](const BackwardUnit& u, const Regions&, int ig, int sub) {
+      const int w_n = ceil_div(gw_cols, kItemN);
+      const int items = ceil_div(u.rows, kItemM) * w_n;
+#pragma unroll
+      for (int j = 0; j < kPersist; ++j) {
+        const int it = (ig * kPersist + j) * kWarps + warp;
+        if (it >= items) continue;
+        const bool sums = u.c0 == 0 && it % w_n == 0;
+        if (sub == 0) gw_acc[j].zero();
+        weight_item(gw_acc[j], it / w_n, it % w_n, u.rows, u.has_template, sums);
+        if (sub + 1 == u.subs) store_weight_item(gw_acc[j], it / w_n, it % w_n, u.rows, u.c0, u.c_count, !u.has_template, sums);
+      }
+    });
+  } else {
+    TemplateItem gt_acc[kPersist];  // grad_templates items kept across the bucket's rows
+    pipeline([&](const BackwardUnit& u, const Regions& r, int ig, int sub) {
+      int first, count;
+      stage_rows(u, sub, first, count);
+      const int n_items = ceil_div(r.in_count, kTN);
+      const int gt_items = u.has_template ? ceil_div(u.c_count, kTM) * n_items : 0;
+      if (mode == kFused && count > 0) {  // this chunk's grad_weight rows, complete (the tile holds every pixel)
+        const int w_m = ceil_div(count, kItemM), w_n = ceil_div(gw_cols, kItemN);
+        for (int it = warp; it < w_m * w_n; it += kWarps) {
+          const int im = it / w_n, in = it % w_n;
+          const bool sums = u.c0 == 0 && in == 0;
+          Item item;
+          item.zero();
+          weight_item(item, im, in, count, u.has_template, sums);
+          store_weight_item(item, im, in, count, u.c0, u.c_count, !u.has_template, sums);
+        }
+      }
+      const int64_t base = (static_cast<int64_t>(u.p) * s.C_in + u.group * s.Cig + u.c0) * s.in_pixels;
+#pragma unroll
+      for (int j = 0; j < kPersist; ++j) {
+        const int it = (ig * kPersist + j) * kWarps + warp;
+        if (it >= gt_items) continue;
+        if (sub == 0) gt_acc[j].zero();
+        if (count > 0) template_item(gt_acc[j], it / n_items, it % n_items, r.in_count);
+        if (sub + 1 == u.subs) store_template_item(gt_acc[j], it / n_items, it % n_items, u.c_count, r.in_count, base);
+      }
+    });
   }
+  cp_async_wait<0>();
 }
 
 template <typename Math>
@@ -348,6 +441,9 @@ void launch_backward(const ConvBackwardPlan& plan, const Shape& s, const PassTen
   allow_dynamic_smem(kernel, plan.smem);
   const int64_t spatial = static_cast<int64_t>(plan.tiles_h) * plan.tiles_w;
   const Stream stream = current_stream();
+  TORCH_CHECK(std::max((s.P + 1) * s.groups * plan.c_tiles * spatial, b.tile_capacity * s.groups * plan.c_tiles) <
+                  std::numeric_limits<int32_t>::max(),
+              "instance_aware_conv (CUDA): too many tiles for the backward");
   if (plan.fused) {
     const int64_t units = (s.P + 1) * s.groups * plan.c_tiles * spatial;
     launch(kernel, dim3(persistent_blocks(kernel, plan.smem, units)), kThreads, plan.smem, stream, t, s, b.view, plan,
@@ -420,26 +516,39 @@ ConvBackwardPlan plan_conv_backward(const Shape& s, std::size_t element_size, in
       go_h = std::max(go_h, go2_h), go_w = std::max(go_w, go2_w);
     }
     const int go_slots = go_h * go_w, t_slots = t_h * t_w, own = own_h * own_w;
-    plan.in_pad = round_up(std::min(s.H, tile_h) * std::min(s.W, tile_w), kItemN);
+    const int esize = static_cast<int>(element_size);
+    plan.in_pad = round_up(std::min(s.H, tile_h) * std::min(s.W, tile_w), 64);  // whole grad_templates items
     plan.own_pad = round_up(std::max(own, 1), kItemN);
     plan.pitch_g = pitch(std::max(rows_pad, kItemM));  // FFMA reads whole 32-row items
     plan.pitch_t = pitch(c_pad);
     plan.pitch_w = pitch(s.taps * rows_pad);
+    // Raw copies: a grad_output row's region as one run (whole width) or one run per output row.
+    plan.raw_g_pitch = raw_pitch(go_slots, esize);
+    plan.raw_g_row_pitch = raw_pitch(go_w, esize);
+    plan.raw_w_pitch = raw_pitch(c_pad * s.taps, esize);
+    plan.raw_t_pitch = raw_pitch(t_w, esize);
+    const int64_t raw_g = static_cast<int64_t>(rows_pad) * std::max(plan.raw_g_pitch, go_h * plan.raw_g_row_pitch);
+    const int64_t raw_t = std::max<int64_t>(static_cast<int64_t>(c_pad) * t_h * plan.raw_t_pitch,
+                                            t_slots == s.in_pixels ? c_pad * s.in_pixels : 0);
     SmemLayout l;
     plan.off_rows = l.take(sizeof(int64_t) * rows_pad);
-    plan.off_tbl_g = l.take(sizeof(int) * s.taps * plan.in_pad);
+    plan.off_tbl_g = l.take(sizeof(int16_t) * s.taps * plan.in_pad);
     plan.off_in_off = l.take(sizeof(int) * plan.in_pad);
-    plan.off_own = l.take(sizeof(int) * plan.own_pad);
-    plan.off_tbl_t = l.take(sizeof(int) * s.taps * plan.own_pad);
+    plan.off_own = l.take(sizeof(int16_t) * plan.own_pad);
+    plan.off_tbl_t = l.take(sizeof(int16_t) * s.taps * plan.own_pad);
     plan.off_go = l.take(element_size * (go_slots + 1) * plan.pitch_g);
     plan.off_t = l.take(element_size * (t_slots + 1) * plan.pitch_t);
     plan.off_w = l.take(element_size * c_pad * plan.pitch_w);
+    plan.off_raw_g = l.take(element_size * raw_g);
+    plan.off_raw_w = l.take(element_size * rows_pad * plan.raw_w_pitch);
+    plan.off_raw_t = l.take(element_size * raw_t);
     plan.smem = l.bytes;
     smallest = std::min(smallest, plan.smem);
     plan.div_taps = FastDiv(static_cast<uint32_t>(s.taps));
-    plan.div_row = FastDiv(static_cast<uint32_t>(c_pad * s.taps));
-    const int gt_items = ceil_div(plan.c_tile, kItemM) * (plan.in_pad / kItemN);
-    return plan.smem <= budget && (!fused || gt_items <= max_items);
+    plan.div_rows = FastDiv(static_cast<uint32_t>(rows_pad));
+    plan.div_c = FastDiv(static_cast<uint32_t>(c_pad));
+    const int gt_items = ceil_div(plan.c_tile, 16) * (plan.in_pad / 64);
+    return plan.smem <= budget && (!fused || gt_items <= max_items) && go_slots < 32767 && t_slots < 32767;
   };
   // Rows per chunk: about a bucket's worth (whole items), fewer when the taps are many; at least one k-step.
   const int rows_pad = std::min(64, round_up(std::max(avg_rows, 1), kItemM));

@@ -45,7 +45,7 @@ int k_step(at::ScalarType dtype, bool tf32) {
     case at::kFloat:
       return tf32 ? 8 : 4;
     default:
-      return 2;
+      return 1;
   }
 }
 

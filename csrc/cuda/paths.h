@@ -73,9 +73,11 @@ struct ConvForwardPlan {
   int chunk = 16, chunks = 1;       // input channels staged at a time, stages per tile
   int pixels_pad = 32;              // tile_h * tile_w rounded up to whole items
   int band_h = 1, band_w = 1;       // largest input band of a tile
-  int pitch_a = 0, pitch_b = 0;     // shared-memory row pitches (elements)
-  std::size_t off_rows = 0, off_table = 0, off_pixels = 0, off_a = 0, off_b = 0, smem = 0;
-  FastDiv div_taps, div_row;        // by taps, and by chunk * taps
+  int pitch_a = 0, pitch_b = 0;     // shared-memory row pitches (elements) of the staged operands
+  int raw_w_pitch = 0, raw_t_pitch = 0;  // and of the raw copies
+  std::size_t off_rows = 0, off_table = 0, off_pixels = 0, off_a = 0, off_b = 0, off_raw_w = 0, off_raw_t = 0,
+              smem = 0;
+  FastDiv div_taps, div_chunk;      // by taps, by chunk
 };
 ConvForwardPlan plan_conv_forward(const Shape& s, std::size_t element_size, int k_step, int tile_rows);
 void run_conv_forward(const ConvForwardPlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b,
@@ -90,11 +92,12 @@ struct ConvBackwardPlan {
   int tile_h = 1, tile_w = 1;         // input pixels of a spatial tile
   int tiles_h = 1, tiles_w = 1;
   int in_pad = 32, own_pad = 32;      // input pixels of a tile, output pixels it owns: padded to whole items
-  int pitch_g = 0, pitch_t = 0, pitch_w = 0;
+  int pitch_g = 0, pitch_t = 0, pitch_w = 0;  // shared-memory row pitches (elements) of the staged operands
+  int raw_g_pitch = 0, raw_g_row_pitch = 0, raw_w_pitch = 0, raw_t_pitch = 0;  // and of the raw copies
   std::size_t off_rows = 0, off_tbl_g = 0, off_in_off = 0, off_own = 0, off_tbl_t = 0, off_go = 0, off_t = 0,
-              off_w = 0, smem = 0;
-  FastDiv div_taps, div_row;  // by taps, by c_pad * taps
-  // 32 x 32 grad_templates items a warp keeps in registers across the rows of a bucket
+              off_w = 0, off_raw_g = 0, off_raw_w = 0, off_raw_t = 0, smem = 0;
+  FastDiv div_taps, div_rows, div_c;  // by taps, rows_pad, c_pad
+  // grad_templates items a warp keeps in registers across the rows of a bucket
   static constexpr int persistent_items(std::size_t accumulator_bytes) { return accumulator_bytes == 8 ? 1 : 2; }
 };
 ConvBackwardPlan plan_conv_backward(const Shape& s, std::size_t element_size, int k_step, int avg_rows);

@@ -14,30 +14,37 @@ namespace pointins_ops::cuda {
 PI_DEVICE int lane_id() { return static_cast<int>(threadIdx.x % 32); }
 PI_DEVICE int warp_id() { return static_cast<int>(threadIdx.x / 32); }
 
-#if !defined(POINTINS_EMULATION)
-PI_DEVICE uint32_t shared_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+// Shared-memory addresses as the ldmatrix instructions take them: 32-bit offsets in the shared window on the GPU,
+// host addresses in the emulation; byte arithmetic on them is the same on both.
+#if defined(POINTINS_EMULATION)
+using SmemAddr = uintptr_t;
+PI_DEVICE SmemAddr smem_addr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+#else
+using SmemAddr = uint32_t;
+PI_DEVICE SmemAddr smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+PI_DEVICE uint32_t shared_address(const void* p) { return smem_addr(p); }
 #endif
 
 // --- ldmatrix: four (or two) 8x8 matrices of 16-bit elements; `row` is this lane's row address (16-byte aligned,
 // in shared memory). Lanes 8i..8i+7 address the rows of matrix i; register i of lane l receives elements
 // (l / 4, 2 (l % 4) .. 2 (l % 4) + 1) of matrix i, or of its transpose with .trans.
-PI_DEVICE void ldsm_x4(uint32_t (&r)[4], const void* row) {
+PI_DEVICE void ldsm_x4(uint32_t (&r)[4], SmemAddr row) {
 #if defined(POINTINS_EMULATION)
-  emu::ldmatrix(r, 4, false, row);
+  emu::ldmatrix(r, 4, false, reinterpret_cast<const void*>(row));
 #else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)));
+               : "r"(row));
 #endif
 }
 
-PI_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+PI_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], SmemAddr row) {
 #if defined(POINTINS_EMULATION)
-  emu::ldmatrix(r, 4, true, row);
+  emu::ldmatrix(r, 4, true, reinterpret_cast<const void*>(row));
 #else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)));
+               : "r"(row));
 #endif
 }
 
@@ -133,40 +140,41 @@ PI_DEVICE unsigned char* dynamic_smem() {
 #endif
 }
 
-// --- 16-byte shared-memory vectors for the FFMA path ---
+// --- shared-memory vectors for the FFMA path: whole 16-byte vectors, or one 8-byte one ---
 template <typename T, int kCount>
 PI_DEVICE void load_vector(T (&out)[kCount], const T* p) {
-  static_assert((sizeof(T) * kCount) % 16 == 0, "whole 16-byte vectors");
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * kCount;
+  static_assert(kBytes % 16 == 0 || kBytes == 8, "16-byte vectors, or one 8-byte vector");
+  constexpr int kAlign = kBytes == 8 ? 8 : 16;
 #if defined(POINTINS_EMULATION)
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fail("load_vector: address not 16-byte aligned");
-  std::memcpy(out, p, sizeof(T) * kCount);
+  if (reinterpret_cast<uintptr_t>(p) % kAlign != 0) emu::fail("load_vector: address not aligned to its vector size");
+  std::memcpy(out, p, kBytes);
 #else
-  constexpr int kVectors = sizeof(T) * kCount / 16;
+  if constexpr (kBytes == 8) {
+    *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(p);
+  } else {
 #pragma unroll
-  for (int v = 0; v < kVectors; ++v) {
-    const uint4 bits = reinterpret_cast<const uint4*>(p)[v];
-    reinterpret_cast<uint4*>(out)[v] = bits;
+    for (int v = 0; v < kBytes / 16; ++v) reinterpret_cast<uint4*>(out)[v] = reinterpret_cast<const uint4*>(p)[v];
   }
 #endif
+  (void)kAlign;
 }
 
-// Division by a divisor fixed for a whole kernel launch: q = x / d, for 0 <= x < 2^31, with a multiply-high
-// and a shift (a plain 32-bit division is a ~20-instruction sequence).
+// Division by a divisor that many threads share: q = x / d for 0 <= x < 2^31 with a multiply-high and one
+// correction, and a magic number that costs one 32-bit division to make (so kernels make their own per tile,
+// without the subroutine call a 64-bit division would be). m = ceil(2^32 / d) puts umulhi(x, m) at q or q + 1.
 struct FastDiv {
-  uint32_t divisor = 1, multiplier = 0, shift = 0;
+  uint32_t divisor = 1, multiplier = 0;
   FastDiv() = default;
-  __host__ __device__ explicit FastDiv(uint32_t d) : divisor(d) {
-    // smallest shift with 2^shift >= d; multiplier = ceil(2^(31 + shift) / d) - 2^32 fits 32 bits
-    while ((uint64_t{1} << shift) < d) ++shift;
-    multiplier = static_cast<uint32_t>((((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d) + 1);
-  }
+  __host__ __device__ explicit FastDiv(uint32_t d) : divisor(d), multiplier(d > 1 ? 0xFFFFFFFFu / d + 1u : 0u) {}
   PI_DEVICE uint32_t div(uint32_t x) const {
+    if (divisor == 1) return x;
 #if defined(POINTINS_EMULATION)
-    const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(x) * multiplier) >> 32);
+    uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(x) * multiplier) >> 32);
 #else
-    const uint32_t high = __umulhi(x, multiplier);
+    uint32_t q = __umulhi(x, multiplier);
 #endif
-    return (high + x) >> shift;
+    return q * divisor > x ? q - 1 : q;
   }
   PI_DEVICE void divmod(uint32_t x, uint32_t& q, uint32_t& r) const {
     q = div(x);

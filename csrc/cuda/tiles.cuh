@@ -44,7 +44,7 @@ struct FfmaMath {
   using elem = T;
   using acc = T;
   static constexpr bool kTensorCores = false;
-  static constexpr int kK = 16 / static_cast<int>(sizeof(T));  // one 16-byte vector along k
+  static constexpr int kK = 16 / static_cast<int>(sizeof(T)) / (sizeof(T) == 8 ? 2 : 1);  // 16 (8 for float64) bytes
 };
 
 using MathBF16 = TensorCoreMath<at::BFloat16, 0>;
@@ -90,66 +90,77 @@ PI_DEVICE uint32_t ones_pair() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Tensor-core warp item: 2 x 4 tiles of m16 x n8.
-template <typename Math>
+// Tensor-core warp item: WM x WN tiles of m16 x n8 (32 x 32 by default; 16 x 64 for 16-row operands).
+template <typename Math, int WM = 2, int WN = 4>
 struct MmaItem {
+  static_assert(WN % 2 == 0, "B fragments are loaded in pairs of n8 tiles");
   using elem = typename Math::elem;
-  static constexpr int kWM = kItemM / 16, kWN = kItemN / 8;
+  static constexpr int kWM = WM, kWN = WN;
   static constexpr int kK = Math::kK;
+  static constexpr bool kTensorCores = true;
   static constexpr bool kTF32 = Math::kKind_ == 2;
-  // elements in one 16-byte ldmatrix row
-  static constexpr int kRow = 16 / static_cast<int>(sizeof(elem));
+  static constexpr int kStepBytes = kK * static_cast<int>(sizeof(elem));  // one k-step along a K-major row
+  static constexpr int kHalfBytes = 16;                                   // the second 8x8 matrix along k
 
-  float acc[kWM][kWN][4];
-  float sums[kWM][4];  // row sums (the column of ones), when asked for
+  float acc[WM][WN][4];
+  float sums[WM][4];  // row sums (the column of ones), when asked for
 
   PI_DEVICE void zero() {
 #pragma unroll
-    for (int i = 0; i < kWM; ++i) {
+    for (int i = 0; i < WM; ++i) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) sums[i][e] = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kWN; ++j) {
+      for (int j = 0; j < WN; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
       }
     }
   }
 
-  // k_steps steps of kK over operands addressed by row_a / row_b (see the file comment). m_tiles (1..2) and
-  // n_tiles (1..4) say how many m16 / n8 tiles of the item hold output: the others are skipped (the
-  // functors must still address valid memory for n tiles up to the next even count). With kSums, the row sums
-  // of A over the same k are accumulated too; with kProducts false, only they are (B is never read).
+  // k_steps steps of kK over operands addressed by row_a / row_b (see the file comment). m_tiles (1..WM) and
+  // n_tiles (1..WN) say how many m16 / n8 tiles of the item hold output: the others are skipped (the
+  // functors must still address valid memory for n tiles up to the next even count). Full items take a path
+  // without those checks. With kSums, the row sums of A over the same k are accumulated too; with kProducts
+  // false, only they are (B is never read).
   template <Major kMA, Major kMB, bool kSums = false, bool kProducts = true, typename RowA, typename RowB>
   PI_DEVICE void run(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int n_tiles) {
+    if (m_tiles == WM && n_tiles == WN) {
+      steps<kMA, kMB, kSums, kProducts, true>(row_a, row_b, k_steps, WM, WN);
+    } else {
+      steps<kMA, kMB, kSums, kProducts, false>(row_a, row_b, k_steps, m_tiles, n_tiles);
+    }
+  }
+
+  template <Major kMA, Major kMB, bool kSums, bool kProducts, bool kFull, typename RowA, typename RowB>
+  PI_DEVICE void steps(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int n_tiles) {
     const int lane = lane_id();
-    const int g = lane / 4, t = lane % 4;
-    // K-major rows are fixed for the whole call: each lane's row address once.
-    const elem* a_row[kWM];
-    const elem* b_row[kWN / 2];
+    const int g = lane / 4, t = lane % 4, q = lane / 8;
+    // K-major rows are fixed for the whole call: each lane's row address once, then constant offsets.
+    SmemAddr a_row[WM], b_row[WN / 2];
     if constexpr (kMA == Major::K) {
 #pragma unroll
-      for (int i = 0; i < kWM; ++i) a_row[i] = row_a(16 * i + lane % 16) + (kTF32 ? 4 : 8) * (lane / 16);
+      for (int i = 0; i < WM; ++i) a_row[i] = smem_addr(row_a(16 * i + lane % 16)) + kHalfBytes * (lane / 16);
     }
     if constexpr (kMB == Major::K && kProducts) {
 #pragma unroll
-      for (int j = 0; j < kWN / 2; ++j) {
-        b_row[j] = row_b(16 * j + lane % 8 + 8 * (lane / 16)) + (kTF32 ? 4 : 8) * ((lane / 8) % 2);
+      for (int j = 0; j < WN / 2; ++j) {
+        b_row[j] = smem_addr(row_b(16 * j + lane % 8 + 8 * (lane / 16))) + kHalfBytes * (q % 2);
       }
     }
     uint32_t ones[2];
     if constexpr (kSums) ones[0] = ones[1] = g == 0 ? ones_pair<elem>() : 0u;
 
+#pragma unroll 2
     for (int s = 0; s < k_steps; ++s) {
-      uint32_t a[kWM][4];
+      uint32_t a[WM][4];
 #pragma unroll
-      for (int i = 0; i < kWM; ++i) {
-        if (i >= m_tiles) break;
+      for (int i = 0; i < WM; ++i) {
+        if (!kFull && i >= m_tiles) break;
         if constexpr (kMA == Major::K) {
-          ldsm_x4(a[i], a_row[i] + s * kK);
+          ldsm_x4(a[i], a_row[i] + s * kStepBytes);
         } else if constexpr (!kTF32) {
-          const int q = lane / 8;
-          ldsm_x4_trans(a[i], row_a(s * kK + lane % 8 + 8 * (q / 2), 16 * i + 8 * (q % 2)));
+          ldsm_x4_trans(a[i], smem_addr(row_a(s * kK + lane % 8 + 8 * (q / 2), 16 * i + 8 * (q % 2))));
         } else {
           const float* lo = reinterpret_cast<const float*>(row_a(s * kK + t, 16 * i));
           const float* hi = reinterpret_cast<const float*>(row_a(s * kK + t + 4, 16 * i));
@@ -170,43 +181,37 @@ struct MmaItem {
       }
       if constexpr (kSums && !kTF32) {
 #pragma unroll
-        for (int i = 0; i < kWM; ++i) {
-          if (i >= m_tiles) break;
+        for (int i = 0; i < WM; ++i) {
+          if (!kFull && i >= m_tiles) break;
           mma<Math::kKind_>(sums[i], a[i], ones);
         }
       }
       if constexpr (kProducts) {
 #pragma unroll
-        for (int j = 0; j < kWN / 2; ++j) {
-          if (2 * j >= n_tiles) break;
+        for (int j = 0; j < WN / 2; ++j) {
+          if (!kFull && 2 * j >= n_tiles) break;
           uint32_t b[2][2];
+          uint32_t r[4];
           if constexpr (kMB == Major::K) {
-            uint32_t r[4];
-            ldsm_x4(r, b_row[j] + s * kK);
-            b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+            ldsm_x4(r, b_row[j] + s * kStepBytes);
           } else if constexpr (!kTF32) {
-            const int q = lane / 8;
-            uint32_t r[4];
-            ldsm_x4_trans(r, row_b(s * kK + lane % 8 + 8 * (q % 2), 16 * j + 8 * (q / 2)));
-            b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+            ldsm_x4_trans(r, smem_addr(row_b(s * kK + lane % 8 + 8 * (q % 2), 16 * j + 8 * (q / 2))));
           } else {
             const float* lo = reinterpret_cast<const float*>(row_b(s * kK + t, 16 * j));
             const float* hi = reinterpret_cast<const float*>(row_b(s * kK + t + 4, 16 * j));
-            b[0][0] = __float_as_uint(lo[g]), b[0][1] = __float_as_uint(hi[g]);
-            b[1][0] = __float_as_uint(lo[g + 8]), b[1][1] = __float_as_uint(hi[g + 8]);
-          }
-          if constexpr (kTF32) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              b[h][0] = to_tf32(b[h][0]);
-              b[h][1] = to_tf32(b[h][1]);
-            }
+            r[0] = __float_as_uint(lo[g]), r[1] = __float_as_uint(hi[g]);
+            r[2] = __float_as_uint(lo[g + 8]), r[3] = __float_as_uint(hi[g + 8]);
           }
 #pragma unroll
-          for (int i = 0; i < kWM; ++i) {
-            if (i >= m_tiles) break;
+          for (int e = 0; e < 4; ++e) {
+            if constexpr (kTF32) r[e] = to_tf32(r[e]);
+            b[e / 2][e % 2] = r[e];
+          }
+#pragma unroll
+          for (int i = 0; i < WM; ++i) {
+            if (!kFull && i >= m_tiles) break;
             mma<Math::kKind_>(acc[i][2 * j], a[i], b[0]);
-            if (2 * j + 1 < n_tiles) mma<Math::kKind_>(acc[i][2 * j + 1], a[i], b[1]);
+            if (kFull || 2 * j + 1 < n_tiles) mma<Math::kKind_>(acc[i][2 * j + 1], a[i], b[1]);
           }
         }
       }
@@ -219,10 +224,10 @@ struct MmaItem {
     const int lane = lane_id();
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < kWM; ++i) {
+    for (int i = 0; i < WM; ++i) {
       if (i >= m_tiles) break;
 #pragma unroll
-      for (int j = 0; j < kWN; ++j) {
+      for (int j = 0; j < WN; ++j) {
         if (j >= n_tiles) break;
 #pragma unroll
         for (int e = 0; e < 4; ++e) f(16 * i + g + 8 * (e / 2), 8 * j + 2 * t + e % 2, acc[i][j][e]);
@@ -235,9 +240,9 @@ struct MmaItem {
   template <typename F>
   PI_DEVICE void for_each_sum(int m_tiles, const F& f) const {
     const int lane = lane_id();
-    float total[kWM][2];
+    float total[WM][2];
 #pragma unroll
-    for (int i = 0; i < kWM; ++i) {
+    for (int i = 0; i < WM; ++i) {
       total[i][0] = sums[i][0];
       total[i][1] = sums[i][2];
       if constexpr (kTF32) {
@@ -250,7 +255,7 @@ struct MmaItem {
     }
     if (lane % 4 != 0) return;
 #pragma unroll
-    for (int i = 0; i < kWM; ++i) {
+    for (int i = 0; i < WM; ++i) {
       if (i >= m_tiles) break;
       f(16 * i + lane / 4, total[i][0]);
       f(16 * i + lane / 4 + 8, total[i][1]);
@@ -259,14 +264,17 @@ struct MmaItem {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// FFMA warp item: lanes as 4 (ly) x 8 (lx); each lane holds 8 rows x 4 columns. Rows are ly + 4i when A is
-// K-major (consecutive lanes then read rows 4 apart: distinct bank groups with an odd pitch) and 8 ly + i when
-// A is MN-major (one contiguous 8-element vector); likewise columns lx + 8j (B K-major) or 4 lx + j.
-template <typename Math>
+// FFMA warp item of the same (16 WM) x (8 WN) shape: lanes as 4 (ly) x 8 (lx); each lane holds 4 WM rows x WN
+// columns. Rows are ly + 4i when A is K-major (consecutive lanes then read rows 4 apart: distinct bank groups
+// with an odd pitch) and 4 WM ly + i when A is MN-major (one contiguous vector); likewise columns lx + 8j
+// (B K-major) or WN lx + j.
+template <typename Math, int WM = 2, int WN = 4>
 struct FfmaItem {
   using elem = typename Math::elem;
   using acc_t = typename Math::acc;
-  static constexpr int kTM = 8, kTN = 4;
+  static constexpr int kWM = WM, kWN = WN;
+  static constexpr bool kTensorCores = false;
+  static constexpr int kTM = 4 * WM, kTN = WN;
   static constexpr int kK = Math::kK;
 
   acc_t acc[kTM][kTN];
@@ -293,7 +301,7 @@ struct FfmaItem {
   }
 
   // As MmaItem::run. With A K-major, rows past 16 m_tiles are neither read nor computed (so a tile of 16 rows
-  // needs only 16 rows of memory); otherwise the whole 32 x 32 item is computed and the caller masks.
+  // needs only 16 rows of memory); otherwise the whole item is computed and the caller masks.
   template <Major kMA, Major kMB, bool kSums = false, bool kProducts = true, typename RowA, typename RowB>
   PI_DEVICE void run(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int) {
     const elem* a_row[kTM];
@@ -374,23 +382,24 @@ struct FfmaItem {
   }
 };
 
-template <typename Math>
-using WarpItem = std::conditional_t<Math::kTensorCores, MmaItem<Math>, FfmaItem<Math>>;
+template <typename Math, int WM = 2, int WN = 4>
+using WarpItem = std::conditional_t<Math::kTensorCores, MmaItem<Math, WM, WN>, FfmaItem<Math, WM, WN>>;
 
 // The engine-independent view of a warp item's results: f(m, n, value) over the item's accumulators (only
-// valid tiles on tensor cores; every element of the item on FFMA, the caller masks), and f(m, sum) over rows.
-template <typename Math, Major kMA, Major kMB, typename F>
-PI_DEVICE void item_results(const WarpItem<Math>& item, int m_tiles, int n_tiles, const F& f) {
-  if constexpr (Math::kTensorCores) {
+// valid tiles on tensor cores; every element of the item on FFMA, the caller masks), and f(m, sum) over rows
+// (every lane must call it).
+template <Major kMA, Major kMB, typename Item, typename F>
+PI_DEVICE void item_results(const Item& item, int m_tiles, int n_tiles, const F& f) {
+  if constexpr (Item::kTensorCores) {
     item.for_each(m_tiles, n_tiles, f);
   } else {
     item.template for_each<kMA, kMB>(f);
   }
 }
 
-template <typename Math, Major kMA, typename F>
-PI_DEVICE void item_sums(const WarpItem<Math>& item, int m_tiles, const F& f) {
-  if constexpr (Math::kTensorCores) {
+template <Major kMA, typename Item, typename F>
+PI_DEVICE void item_sums(const Item& item, int m_tiles, const F& f) {
+  if constexpr (Item::kTensorCores) {
     item.for_each_sum(m_tiles, f);
   } else {
     item.template for_each_sum<kMA>(f);
