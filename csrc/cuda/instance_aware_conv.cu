@@ -12,7 +12,9 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <cstdlib>
 #include <sstream>
+#include <string>
 
 namespace pointins_ops::cuda {
 
@@ -57,6 +59,19 @@ int average_rows(const Shape& s, bool identity) {
   return static_cast<int>(std::min<int64_t>(1 << 20, (static_cast<int64_t>(s.N) * s.Cog + templates - 1) / templates));
 }
 
+// The path a call takes: POINTINS_CUDA_PATH=conv forces the conv path (tests use it to compare the paths on the
+// same shapes); otherwise pointwise where it applies.
+bool use_pointwise(const Shape& s, const at::Tensor& templates) {
+  const char* forced = std::getenv("POINTINS_CUDA_PATH");
+  if (forced != nullptr && std::string(forced) == "conv") return false;
+  if (forced != nullptr && std::string(forced) == "pointwise") {
+    return s.kH == 1 && s.kW == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 &&
+           templates.stride(3) == 1 && templates.stride(2) == s.W && templates.stride(1) == s.in_pixels &&
+           templates.scalar_type() != at::kDouble;
+  }
+  return pointwise_applies(s, templates);
+}
+
 at::Tensor instance_aware_conv_cuda(const at::Tensor& templates, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& index,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -78,6 +93,11 @@ at::Tensor instance_aware_conv_cuda(const at::Tensor& templates, const at::Tenso
   t.output = output;
   const at::ScalarType dtype = templates.scalar_type();
   const bool tf32 = dtype == at::kFloat && conv_allows_tf32();
+  if (use_pointwise(s, templates)) {
+    const PointwisePlan plan = plan_pointwise(kPointwiseForward, s, element_size(dtype), !index.has_value());
+    run_pointwise(plan, s, t, bucket_instances(index, g, plan.tile_rows, templates.options()), tf32);
+    return output;
+  }
   const int tile_rows = std::clamp(round_up(average_rows(s, !index.has_value()), 16), 16, 128);
   const ConvForwardPlan plan = plan_conv_forward(s, element_size(dtype), k_step(dtype, tf32), tile_rows);
   const DeviceBuckets buckets = bucket_instances(index, g, plan.tile_rows, templates.options());
@@ -117,6 +137,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cuda
   t.grad_bias = at::empty({g.N, g.C_out}, weight.options());
   const at::ScalarType dtype = templates.scalar_type();
   const bool tf32 = dtype == at::kFloat && conv_allows_tf32();
+  if (use_pointwise(s, templates)) {
+    const PointwisePlan weight_plan = plan_pointwise(kPointwiseWeight, s, element_size(dtype), !index.has_value());
+    const PointwisePlan templates_plan =
+        plan_pointwise(kPointwiseTemplates, s, element_size(dtype), !index.has_value());
+    const DeviceBuckets buckets = bucket_instances(index, g, weight_plan.tile_rows, templates.options());
+    run_pointwise(weight_plan, s, t, buckets, tf32);
+    run_pointwise(templates_plan, s, t, buckets, tf32);
+    return {t.grad_templates, t.grad_weight, t.grad_bias};
+  }
   const ConvBackwardPlan plan =
       plan_conv_backward(s, element_size(dtype), k_step(dtype, tf32), average_rows(s, !index.has_value()));
   const DeviceBuckets buckets = bucket_instances(index, g, plan.tile_rows, templates.options());
@@ -134,11 +163,21 @@ std::string describe_plans(const at::Tensor& templates, const at::Tensor& weight
   const Shape s = make_shape(g);
   const at::ScalarType dtype = templates.scalar_type();
   const bool tf32 = dtype == at::kFloat && conv_allows_tf32();
+  std::ostringstream out;
+  if (use_pointwise(s, templates)) {
+    for (int pass : {kPointwiseForward, kPointwiseWeight, kPointwiseTemplates}) {
+      const PointwisePlan p = plan_pointwise(pass, s, element_size(dtype), !index.has_value());
+      out << (pass == kPointwiseForward ? "forward pointwise" : pass == kPointwiseWeight ? "; grad_weight" : "; grad_templates")
+          << " block=" << p.block_m << "x" << p.block_n << "x" << p.block_k << " warps=" << p.warps_m << "x"
+          << p.warps_n << "x" << p.k_split << " tiles=" << p.m_tiles << "x" << p.n_tiles << " splits=" << p.splits
+          << " smem=" << p.smem;
+    }
+    return out.str();
+  }
   const int tile_rows = std::clamp(round_up(average_rows(s, !index.has_value()), 16), 16, 128);
   const ConvForwardPlan f = plan_conv_forward(s, element_size(dtype), k_step(dtype, tf32), tile_rows);
   const ConvBackwardPlan b =
       plan_conv_backward(s, element_size(dtype), k_step(dtype, tf32), average_rows(s, !index.has_value()));
-  std::ostringstream out;
   out << "forward conv rows=" << f.tile_rows << " tile=" << f.tile_h << "x" << f.tile_w << " tiles=" << f.tiles_h
       << "x" << f.tiles_w << " chunk=" << f.chunk << " chunks=" << f.chunks << " smem=" << f.smem
       << "; backward conv " << (b.fused ? "fused" : "split") << " rows=" << b.tile_rows << " c_tile=" << b.c_tile

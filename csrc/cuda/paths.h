@@ -28,8 +28,9 @@ struct MathTag {
   using type = Math;
 };
 
-// Calls f(MathTag<Math>{}) with the math policy (tiles.cuh) the dtype runs on.
-template <typename F>
+// Calls f(MathTag<Math>{}) with the math policy (tiles.cuh) the dtype runs on: Float32 for float32 without
+// TF32; float64 only when kDouble (kernels without a float64 version are never instantiated for it).
+template <typename Float32 = MathF32, bool kDouble = true, typename F>
 void with_math(at::ScalarType dtype, bool tf32, F&& f) {
   switch (dtype) {
     case at::kBFloat16:
@@ -37,11 +38,12 @@ void with_math(at::ScalarType dtype, bool tf32, F&& f) {
     case at::kHalf:
       return f(MathTag<MathF16>{});
     case at::kFloat:
-      return tf32 ? f(MathTag<MathTF32>{}) : f(MathTag<MathF32>{});
+      return tf32 ? f(MathTag<MathTF32>{}) : f(MathTag<Float32>{});
     case at::kDouble:
-      return f(MathTag<MathF64>{});
+      if constexpr (kDouble) return f(MathTag<MathF64>{});
+      [[fallthrough]];
     default:
-      TORCH_CHECK(false, "instance_aware_conv (CUDA): unsupported dtype ", dtype);
+      TORCH_CHECK(false, "instance_aware_conv (CUDA): no kernels of this path for ", dtype);
   }
 }
 
@@ -103,5 +105,21 @@ struct ConvBackwardPlan {
 ConvBackwardPlan plan_conv_backward(const Shape& s, std::size_t element_size, int k_step, int avg_rows);
 void run_conv_backward(const ConvBackwardPlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b,
                        bool tf32);
+
+// --- pointwise path (1x1, stride 1, no padding, large templates) ---
+enum PointwisePass : int { kPointwiseForward = 0, kPointwiseWeight = 1, kPointwiseTemplates = 2 };
+struct PointwisePlan {
+  int pass = kPointwiseForward;
+  int tile_rows = 128;                          // bucket rows per row tile (forward, grad_weight)
+  int block_m = 128, block_n = 128, block_k = 32;
+  int warps_m = 2, warps_n = 4, k_split = 1;    // warps_m * warps_n * k_split == 8 warps
+  int m_tiles = 1, n_tiles = 1;                 // tiles along channels (grad_templates) and along n
+  int splits = 1, split_length = 0;             // grad_weight: pixel ranges
+  int pitch_a = 0, pitch_b = 0, stage_a = 0, stage_b = 0;  // ring-stage rows and sizes (elements)
+  std::size_t off_rows = 0, off_stages = 0, smem = 0;
+};
+bool pointwise_applies(const Shape& s, const at::Tensor& templates);
+PointwisePlan plan_pointwise(int pass, const Shape& s, std::size_t element_size, bool identity);
+void run_pointwise(const PointwisePlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b, bool tf32);
 
 }  // namespace pointins_ops::cuda

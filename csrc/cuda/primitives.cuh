@@ -140,17 +140,19 @@ PI_DEVICE unsigned char* dynamic_smem() {
 #endif
 }
 
-// --- shared-memory vectors for the FFMA path: whole 16-byte vectors, or one 8-byte one ---
+// --- shared-memory vectors for the FFMA path: whole 16-byte vectors, or one 8- or 4-byte one ---
 template <typename T, int kCount>
 PI_DEVICE void load_vector(T (&out)[kCount], const T* p) {
   constexpr int kBytes = static_cast<int>(sizeof(T)) * kCount;
-  static_assert(kBytes % 16 == 0 || kBytes == 8, "16-byte vectors, or one 8-byte vector");
-  constexpr int kAlign = kBytes == 8 ? 8 : 16;
+  static_assert(kBytes % 16 == 0 || kBytes == 8 || kBytes == 4, "16-byte vectors, or one 8- or 4-byte one");
+  constexpr int kAlign = kBytes < 16 ? kBytes : 16;
 #if defined(POINTINS_EMULATION)
   if (reinterpret_cast<uintptr_t>(p) % kAlign != 0) emu::fail("load_vector: address not aligned to its vector size");
   std::memcpy(out, p, kBytes);
 #else
-  if constexpr (kBytes == 8) {
+  if constexpr (kBytes == 4) {
+    *reinterpret_cast<uint32_t*>(out) = *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (kBytes == 8) {
     *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(p);
   } else {
 #pragma unroll

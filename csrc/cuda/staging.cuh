@@ -25,16 +25,17 @@ __host__ __device__ constexpr int common_granule(uint64_t base, uint64_t stride)
 }
 
 template <int kGranule, typename T, typename Source>
-PI_DEVICE void copy_runs_with(T* dst, int pitch, int runs, int count, const Source& source, const T* dummy) {
+PI_DEVICE void copy_runs_with(T* dst, int pitch, int runs, int count, const Source& source, const T* dummy,
+                              int fill) {
   const int bytes = count * static_cast<int>(sizeof(T));
-  const int per_run = (bytes + kGranule - 1) / kGranule;
+  const int per_run = (max(count, fill) * static_cast<int>(sizeof(T)) + kGranule - 1) / kGranule;
   const FastDiv div_run(static_cast<uint32_t>(per_run > 0 ? per_run : 1));
   for (int e = static_cast<int>(threadIdx.x); e < runs * per_run; e += static_cast<int>(blockDim.x)) {
     uint32_t run, piece;
     div_run.divmod(static_cast<uint32_t>(e), run, piece);
     const T* src = source(static_cast<int>(run));
     const int offset = static_cast<int>(piece) * kGranule;
-    const int valid = src != nullptr ? min(kGranule, bytes - offset) : 0;
+    const int valid = src != nullptr ? max(0, min(kGranule, bytes - offset)) : 0;
     const void* from = src != nullptr ? static_cast<const void*>(reinterpret_cast<const char*>(src) + offset)
                                       : static_cast<const void*>(dummy);
     cp_async<kGranule>(reinterpret_cast<char*>(dst + static_cast<int>(run) * pitch) + offset, from, valid);
@@ -42,26 +43,29 @@ PI_DEVICE void copy_runs_with(T* dst, int pitch, int runs, int count, const Sour
 }
 
 // Run r (r < runs) of `count` elements goes from source(r) (a global pointer, or null for zeros) to dst + r *
-// pitch (16-byte aligned rows). `granule` divides every source address (common_granule), or is 0: then ordinary
-// loads read element i of a run at source(r)[i * stride]. `dummy` is any valid 16-byte aligned global address
-// (read by nothing, named by the zero-fill copies).
+// pitch (16-byte aligned rows); with `fill` > count, each row is zero-filled up to `fill` elements (whole
+// granules). `granule` divides every source address (common_granule), or is 0: then ordinary loads read
+// element i of a run at source(r)[i * stride]. `dummy` is any valid 16-byte aligned global address (read by
+// nothing, named by the zero-fill copies).
 template <typename T, typename Source>
 PI_DEVICE void copy_runs(T* dst, int pitch, int runs, int count, int granule, const Source& source, const T* dummy,
-                         int64_t stride = 1) {
+                         int64_t stride = 1, int fill = 0) {
   switch (granule) {
     case 16:
-      return copy_runs_with<16>(dst, pitch, runs, count, source, dummy);
+      return copy_runs_with<16>(dst, pitch, runs, count, source, dummy, fill);
     case 8:
-      return copy_runs_with<8>(dst, pitch, runs, count, source, dummy);
+      return copy_runs_with<8>(dst, pitch, runs, count, source, dummy, fill);
     case 4:
-      return copy_runs_with<4>(dst, pitch, runs, count, source, dummy);
+      return copy_runs_with<4>(dst, pitch, runs, count, source, dummy, fill);
     default: {
-      const FastDiv div_count(static_cast<uint32_t>(count > 0 ? count : 1));
-      for (int e = static_cast<int>(threadIdx.x); e < runs * count; e += static_cast<int>(blockDim.x)) {
+      const int width = max(count, fill);
+      const FastDiv div_width(static_cast<uint32_t>(width > 0 ? width : 1));
+      for (int e = static_cast<int>(threadIdx.x); e < runs * width; e += static_cast<int>(blockDim.x)) {
         uint32_t run, i;
-        div_count.divmod(static_cast<uint32_t>(e), run, i);
+        div_width.divmod(static_cast<uint32_t>(e), run, i);
         const T* src = source(static_cast<int>(run));
-        dst[static_cast<int>(run) * pitch + static_cast<int>(i)] = src != nullptr ? src[i * stride] : T(0);
+        dst[static_cast<int>(run) * pitch + static_cast<int>(i)] =
+            src != nullptr && static_cast<int>(i) < count ? src[i * stride] : T(0);
       }
     }
   }

@@ -47,6 +47,15 @@ struct FfmaMath {
   static constexpr int kK = 16 / static_cast<int>(sizeof(T)) / (sizeof(T) == 8 ? 2 : 1);  // 16 (8 for float64) bytes
 };
 
+// FFMA reading one element of k at a time (the pointwise GEMMs: K-major operands in 64-row warp tiles).
+template <typename T>
+struct ScalarFfmaMath {
+  using elem = T;
+  using acc = T;
+  static constexpr bool kTensorCores = false;
+  static constexpr int kK = 1;
+};
+
 using MathBF16 = TensorCoreMath<at::BFloat16, 0>;
 using MathF16 = TensorCoreMath<at::Half, 1>;
 using MathTF32 = TensorCoreMath<float, 2>;

@@ -20,6 +20,7 @@ this process (both would define the op schema's namespace).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import sys
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from oracle import EDGE_CASES, TOL, Case, check_case, make_inputs, oracle_grads, random_cases  # noqa: E402
 
-SUITES = ("nan", "edge", "random", "tiled", "paths", "tf32", "determinism")
+SUITES = ("nan", "edge", "random", "tiled", "paths", "pointwise", "tf32", "determinism")
 
 
 def build() -> None:
@@ -161,6 +162,17 @@ PATH_CASES = [
 ]
 
 
+# The pointwise path (1x1, stride 1, no padding) on maps large enough to take it by default, and on the small 1x1
+# cases of the random sample with POINTINS_CUDA_PATH=pointwise: gathered rows, several row and channel tiles,
+# pixel splits of grad_weight, warps splitting the reduction of narrow tiles, tails of every dimension.
+POINTWISE_CASES = [
+    Case(P=3, C_in=16, H=32, W=34, N=40, C_out=8, kernel=(1, 1), index="random", seed=31),
+    Case(P=2, C_in=40, H=33, W=35, N=9, C_out=3, kernel=(1, 1), bias=False, index="sorted", seed=32),
+    Case(P=2, C_in=70, H=32, W=40, N=5, C_out=2, kernel=(1, 1), groups=2, index="unused", seed=33),
+    Case(P=4, C_in=8, H=40, W=41, N=4, C_out=140, kernel=(1, 1), index="none", seed=34),
+]
+
+
 def set_budget(budgets: tuple[int, int, int] | None, dtype: torch.dtype | None) -> None:
     if budgets is None:
         os.environ.pop("POINTINS_CUDA_SMEM_BUDGET", None)
@@ -176,6 +188,16 @@ def plans(case: Case, dtype: torch.dtype) -> str:
                                       list(case.dilation), case.groups)
 
 
+def check(case: Case, dtype: torch.dtype) -> None:
+    """oracle.check_case on the emulated op, naming the case, dtype and scheduler seed when it fails."""
+    try:
+        check_case(op, case, dtype)
+    except Exception as error:
+        seed = os.environ.get("POINTINS_EMU_SEED", "1")
+        raise AssertionError(f"{case} {dtype} (POINTINS_EMU_SEED={seed}, path {os.environ.get('POINTINS_CUDA_PATH')},"
+                             f" budget {os.environ.get('POINTINS_CUDA_SMEM_BUDGET')}): {error}") from error
+
+
 def run_suite(suite: str, quick: bool) -> int:
     set_tf32(False)
     count = 0
@@ -184,28 +206,43 @@ def run_suite(suite: str, quick: bool) -> int:
     if suite == "edge":
         for case in EDGE_CASES.values():
             for dtype in TOL:
-                check_case(op, case, dtype)
+                check(case, dtype)
                 count += 1
     elif suite == "random":  # as tests/test_cuda.py samples them: one dtype per case, cycled by seed
         cases = random_cases(240, seed=2026)
         for case in cases[:48] if quick else cases:
-            check_case(op, case, list(TOL)[case.seed % len(TOL)])
+            check(case, list(TOL)[case.seed % len(TOL)])
             count += 1
     elif suite == "tiled":
         cases = tiled_cases()
         for case in cases[:2] if quick else cases:
             for dtype in (torch.float64, torch.float16, torch.bfloat16):
-                check_case(op, case, dtype)
+                check(case, dtype)
                 count += 1
     elif suite == "paths":
         for budget, case in PATH_CASES[:2] if quick else PATH_CASES:
             try:
                 for dtype in TOL:
                     set_budget(budget, dtype)
-                    check_case(op, case, dtype)
+                    check(case, dtype)
                     count += 1
             finally:
                 set_budget(None, None)
+    elif suite == "pointwise":
+        for case in POINTWISE_CASES[:2] if quick else POINTWISE_CASES:
+            assert plans(case, torch.bfloat16).startswith("forward pointwise"), plans(case, torch.bfloat16)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                check(case, dtype)
+                count += 1
+        os.environ["POINTINS_CUDA_PATH"] = "pointwise"
+        try:
+            small = [dataclasses.replace(case, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                                         layout="contiguous") for case in random_cases(240, seed=2026)[:60]]
+            for case in small[:8] if quick else small:
+                check(case, (torch.float32, torch.float16, torch.bfloat16)[case.seed % 3])
+                count += 1
+        finally:
+            os.environ.pop("POINTINS_CUDA_PATH", None)
     elif suite == "tf32":
         set_tf32(True)
         try:
