@@ -36,8 +36,9 @@ PI_DEVICE void copy_runs_with(T* dst, int pitch, int runs, int count, const Sour
     const T* src = source(static_cast<int>(run));
     const int offset = static_cast<int>(piece) * kGranule;
     const int valid = src != nullptr ? max(0, min(kGranule, bytes - offset)) : 0;
-    const void* from = src != nullptr ? static_cast<const void*>(reinterpret_cast<const char*>(src) + offset)
-                                      : static_cast<const void*>(dummy);
+    // Zero-fill copies name the dummy: an address past the end of a run need not be valid memory.
+    const void* from = valid > 0 ? static_cast<const void*>(reinterpret_cast<const char*>(src) + offset)
+                                 : static_cast<const void*>(dummy);
     cp_async<kGranule>(reinterpret_cast<char*>(dst + static_cast<int>(run) * pitch) + offset, from, valid);
   }
 }
