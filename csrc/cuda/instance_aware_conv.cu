@@ -72,6 +72,11 @@ bool use_pointwise(const Shape& s, const at::Tensor& templates) {
   return pointwise_applies(s, templates);
 }
 
+bool use_depthwise(const DepthwisePlan& plan) {
+  const char* forced = std::getenv("POINTINS_CUDA_PATH");
+  return plan.applies && (forced == nullptr || std::string(forced) != "conv");
+}
+
 at::Tensor instance_aware_conv_cuda(const at::Tensor& templates, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& index,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -93,6 +98,10 @@ at::Tensor instance_aware_conv_cuda(const at::Tensor& templates, const at::Tenso
   t.output = output;
   const at::ScalarType dtype = templates.scalar_type();
   const bool tf32 = dtype == at::kFloat && conv_allows_tf32();
+  if (const DepthwisePlan dw = plan_depthwise(s, element_size(dtype), false); use_depthwise(dw)) {
+    run_depthwise(dw, s, t, bucket_instances(index, g, 16, templates.options()), false);
+    return output;
+  }
   if (use_pointwise(s, templates)) {
     const PointwisePlan plan = plan_pointwise(kPointwiseForward, s, element_size(dtype), !index.has_value());
     run_pointwise(plan, s, t, bucket_instances(index, g, plan.tile_rows, templates.options()), tf32);
@@ -137,6 +146,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cuda
   t.grad_bias = at::empty({g.N, g.C_out}, weight.options());
   const at::ScalarType dtype = templates.scalar_type();
   const bool tf32 = dtype == at::kFloat && conv_allows_tf32();
+  if (const DepthwisePlan dw = plan_depthwise(s, element_size(dtype), true); use_depthwise(dw)) {
+    run_depthwise(dw, s, t, bucket_instances(index, g, 16, templates.options()), true);
+    return {t.grad_templates, t.grad_weight, t.grad_bias};
+  }
   if (use_pointwise(s, templates)) {
     const PointwisePlan weight_plan = plan_pointwise(kPointwiseWeight, s, element_size(dtype), !index.has_value());
     const PointwisePlan templates_plan =
@@ -164,6 +177,11 @@ std::string describe_plans(const at::Tensor& templates, const at::Tensor& weight
   const at::ScalarType dtype = templates.scalar_type();
   const bool tf32 = dtype == at::kFloat && conv_allows_tf32();
   std::ostringstream out;
+  if (const DepthwisePlan dw = plan_depthwise(s, element_size(dtype), true); use_depthwise(dw)) {
+    out << "forward depthwise channels=" << dw.channels << " smem=" << plan_depthwise(s, element_size(dtype), false).smem
+        << "; backward depthwise smem=" << dw.smem;
+    return out.str();
+  }
   if (use_pointwise(s, templates)) {
     for (int pass : {kPointwiseForward, kPointwiseWeight, kPointwiseTemplates}) {
       const PointwisePlan p = plan_pointwise(pass, s, element_size(dtype), !index.has_value());

@@ -122,4 +122,17 @@ bool pointwise_applies(const Shape& s, const at::Tensor& templates);
 PointwisePlan plan_pointwise(int pass, const Shape& s, std::size_t element_size, bool identity);
 void run_pointwise(const PointwisePlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b, bool tf32);
 
+// --- depthwise path (one input channel per group, planes that fit in shared memory) ---
+struct DepthwisePlan {
+  bool applies = false;
+  int channels = 1, chunks = 1;  // input channels (groups) per unit, units per template
+  int instances = 4;             // instances whose weights the forward stages at a time
+  int raw_pitch = 0;
+  std::size_t off_planes = 0, off_grads = 0, off_weights = 0, off_accumulators = 0, off_partial = 0, off_raw = 0,
+              smem = 0;
+};
+DepthwisePlan plan_depthwise(const Shape& s, std::size_t element_size, bool backward);
+void run_depthwise(const DepthwisePlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b,
+                   bool backward);
+
 }  // namespace pointins_ops::cuda

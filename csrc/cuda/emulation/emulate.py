@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from oracle import EDGE_CASES, TOL, Case, check_case, make_inputs, oracle_grads, random_cases  # noqa: E402
 
-SUITES = ("nan", "edge", "random", "tiled", "paths", "pointwise", "tf32", "determinism")
+SUITES = ("nan", "edge", "random", "tiled", "paths", "pointwise", "depthwise", "tf32", "determinism")
 
 
 def build() -> None:
@@ -107,9 +107,13 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_tf32_case(case: Case) -> None:
-    """float32 with torch's conv TF32 flag on: the kernels must round every multiplied operand to TF32 and sum
-    exactly in float32. So the oracle is run on the inputs rounded to TF32 and held to the float32 tolerance;
-    grad_bias, a plain sum, is compared with the sum of the unrounded grad_output."""
+    """float32 with torch's conv TF32 flag on: the tensor-core paths must round every multiplied operand to TF32
+    and sum exactly in float32. So the oracle is run on the inputs rounded to TF32 and held to the float32
+    tolerance; grad_bias, a plain sum, is compared with the sum of the unrounded grad_output. The depthwise path
+    has no tensor cores: it stays exact float32 (the flag allows TF32, it does not demand it)."""
+    if plans(case, torch.float32).startswith("forward depthwise"):
+        check(case, torch.float32)
+        return
     templates, weight, bias, index = make_inputs(case, torch.float32)
     conv = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
     out = torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
@@ -170,6 +174,17 @@ POINTWISE_CASES = [
     Case(P=2, C_in=40, H=33, W=35, N=9, C_out=3, kernel=(1, 1), bias=False, index="sorted", seed=32),
     Case(P=2, C_in=70, H=32, W=40, N=5, C_out=2, kernel=(1, 1), groups=2, index="unused", seed=33),
     Case(P=4, C_in=8, H=40, W=41, N=4, C_out=140, kernel=(1, 1), index="none", seed=34),
+]
+
+
+# The depthwise path (one input channel per group): the 3x3 stride-1 fast path and the generic one, channel
+# multipliers, several channel chunks per template, unused templates, both paddings.
+DEPTHWISE_CASES = [
+    Case(P=3, C_in=40, H=14, W=13, N=9, C_out=40, kernel=(3, 3), padding=(1, 1), groups=40, index="random", seed=41),
+    Case(P=2, C_in=6, H=9, W=11, N=5, C_out=12, kernel=(3, 3), padding=(2, 0), groups=6, index="unused", seed=42),
+    Case(P=2, C_in=5, H=12, W=10, N=4, C_out=10, kernel=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+         groups=5, bias=False, seed=43),
+    Case(P=3, C_in=4, H=7, W=8, N=3, C_out=4, kernel=(1, 1), groups=4, layout="channels_last", seed=44),
 ]
 
 
@@ -243,6 +258,12 @@ def run_suite(suite: str, quick: bool) -> int:
                 count += 1
         finally:
             os.environ.pop("POINTINS_CUDA_PATH", None)
+    elif suite == "depthwise":
+        for case in DEPTHWISE_CASES[:2] if quick else DEPTHWISE_CASES:
+            assert plans(case, torch.float32).startswith("forward depthwise"), plans(case, torch.float32)
+            for dtype in TOL:
+                check(case, dtype)
+                count += 1
     elif suite == "tf32":
         set_tf32(True)
         try:

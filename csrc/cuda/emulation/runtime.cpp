@@ -53,6 +53,8 @@ namespace emu {
 namespace {
 
 constexpr std::size_t kStackBytes = 256 * 1024;
+constexpr std::size_t kSmemGuard = 64 * 1024;
+constexpr unsigned char kGuardByte = 0xA5;
 constexpr std::size_t kGuardBytes = 4096;
 
 struct Copy {
@@ -179,7 +181,9 @@ void Worker::run_block(unsigned long linear) {
   block_index = dim3(static_cast<unsigned>(linear % grid.x), static_cast<unsigned>((linear / grid.x) % grid.y),
                      static_cast<unsigned>(linear / (static_cast<unsigned long>(grid.x) * grid.y)));
   rng.seed(seed_from_environment() * 0x9E3779B97F4A7C15ull + linear);
-  smem.assign(config->smem, 0xFF);  // uninitialised shared memory reads as NaN
+  // Uninitialised shared memory reads as NaN; a guard band after it catches writes past the end.
+  smem.assign(config->smem + kSmemGuard, 0xFF);
+  std::memset(smem.data() + config->smem, kGuardByte, kSmemGuard);
   for (auto& x : warps) x = WarpExchange();
   ready.clear();
   at_barrier = 0;
@@ -222,6 +226,12 @@ void Worker::run_block(unsigned long linear) {
     pointins_emu_switch_context(&scheduler_sp, fibers[t].sp);
     current_fiber = nullptr;
   }
+  for (std::size_t i = config->smem; i < smem.size() && error.empty(); ++i) {
+    if (smem[i] != kGuardByte) {
+      error = "a store past the end of the block's " + std::to_string(config->smem) +
+              " bytes of dynamic shared memory (byte " + std::to_string(i) + ")" + where();
+    }
+  }
 }
 
 Worker& worker() {
@@ -234,7 +244,7 @@ Worker& worker() {
 bool in_shared(const Worker& w, const void* p, std::size_t bytes) {
   auto address = reinterpret_cast<uintptr_t>(p);
   auto base = reinterpret_cast<uintptr_t>(w.smem.data());
-  return address >= base && address + bytes <= base + w.smem.size();
+  return address >= base && address + bytes <= base + w.config->smem;
 }
 
 std::string hex(const void* p) {
