@@ -156,6 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto* raw_g = reinterpret_cast<scalar_t*>(smem + plan.off_raw_g);  // grad_output rows as in global memory
   auto* raw_w = reinterpret_cast<scalar_t*>(smem + plan.off_raw_w);  // weight rows as in global memory
   auto* raw_t = reinterpret_cast<scalar_t*>(smem + plan.off_raw_t);  // the template region
+  auto* weight_offsets = reinterpret_cast<int*>(smem + plan.off_offsets);  // raw (c, tap) -> c * pitch_w + tap * rows_pad
   const int tid = static_cast<int>(threadIdx.x), warp = warp_id();
   const int c_shift = plan.c_pad == 16 ? 4 : 5;
   const int gw_cols = s.taps * plan.c_pad;
@@ -212,8 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (stages_template(ig, sub) && u.has_template && r.t_slots > 0) {
       const scalar_t* tpl = t.templates + u.p * t.t_p + static_cast<int64_t>(u.group * s.Cig + u.c0) * t.t_c;
-      copy_template_region(tpl, t, s, u.c_count, r.h.t_lo, r.w.t_lo, r.h.t_hi - r.h.t_lo, r.t_w, raw_t,
-                           plan.raw_t_pitch);
+      copy_template_region(tpl, t, s, u.c_count, r.h.t_lo, r.w.t_lo, r.h.t_hi - r.h.t_lo, r.t_w, raw_t);
     }
     cp_async_commit();
   };
@@ -223,37 +223,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     int first, count;
     stage_rows(u, sub, first, count);
     const int go_h = r.h.go_hi - r.h.go_lo;
-    const bool whole = grad_output_whole(r);
-    const int raw_row = whole ? plan.raw_g_pitch : go_h * plan.raw_g_row_pitch;
-    const int raw_h = whole ? s.W_out : plan.raw_g_row_pitch;
-    const FastDiv div_w(static_cast<uint32_t>(max(r.go_w, 1)));
-    for (int e = tid; e < (r.go_slots + 1) * plan.rows_pad; e += kThreads) {
-      uint32_t slot, row, oh, ow;
-      plan.div_rows.divmod(static_cast<uint32_t>(e), slot, row);
-      div_w.divmod(slot, oh, ow);
-      scalar_t v = scalar_t(0);
-      if (static_cast<int>(row) < count && static_cast<int>(slot) < r.go_slots) {
-        v = raw_g[row * raw_row + oh * raw_h + ow];
-      }
-      go_s[slot * plan.pitch_g + row] = v;
+    if (grad_output_whole(r)) {  // one raw row per staged row; consecutive threads take consecutive rows
+      scatter_rows(raw_g, plan.raw_g_pitch, plan.rows_pad, count, r.go_slots, r.go_slots, go_s, [](int row) { return row; },
+                   [&](int j) { return j * plan.pitch_g; });
+    } else {  // one raw row per (staged row, output row)
+      const FastDiv div_h(static_cast<uint32_t>(max(go_h, 1)));
+      scatter_rows(raw_g, plan.raw_g_row_pitch, plan.rows_pad * go_h, count * go_h, r.go_w, r.go_w, go_s,
+                   [&](int i) {
+                     uint32_t row, oh;
+                     div_h.divmod(static_cast<uint32_t>(i), row, oh);
+                     return static_cast<int>(oh) * r.go_w * plan.pitch_g + static_cast<int>(row);
+                   },
+                   [&](int j) { return j * plan.pitch_g; });
     }
+    for (int row = tid; row < plan.rows_pad; row += kThreads) go_s[r.go_slots * plan.pitch_g + row] = scalar_t(0);
     if (mode != kWeightOnly) {
-      const bool real = u.has_template;
-      for (int e = tid; e < plan.c_pad * s.taps * plan.rows_pad; e += kThreads) {
-        uint32_t ct, row, c, tap;
-        plan.div_rows.divmod(static_cast<uint32_t>(e), ct, row);
-        plan.div_taps.divmod(ct, c, tap);
-        scalar_t v = scalar_t(0);
-        if (real && static_cast<int>(row) < count && static_cast<int>(c) < u.c_count) {
-          v = raw_w[row * plan.raw_w_pitch + c * s.taps + tap];
-        }
-        w_s[c * plan.pitch_w + tap * plan.rows_pad + row] = v;
-      }
+      scatter_rows(raw_w, plan.raw_w_pitch, plan.rows_pad, u.has_template ? count : 0, u.c_count * s.taps,
+                   plan.c_pad * s.taps, w_s, [](int row) { return row; }, [&](int j) { return weight_offsets[j]; });
     }
     if (stages_template(ig, sub) && u.has_template) {
       const int t_h = r.h.t_hi - r.h.t_lo;
-      template_to_channels_last(raw_t, template_region_layout(t, s, t_h, r.t_w, plan.raw_t_pitch), u.c_count,
-                                plan.c_pad, plan.div_c, t_h, r.t_w, t_s, plan.pitch_t);
+      template_to_channels_last(raw_t, template_region_layout(t, s, u.c_count, t_h, r.t_w), plan.c_pad, t_h, r.t_w,
+                                t_s, plan.pitch_t);
     }
     for (int i = tid; i < plan.rows_pad; i += kThreads) {
       rows_s[i] = i < count ? buckets.row_id(u.p, first + i, u.group, s.C_out) : -1;
@@ -310,13 +301,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int tap = min(col >> c_shift, s.taps - 1);  // FFMA reads whole items: columns past the end are dropped
       return t_s + tbl_t[tap * plan.own_pad + k] * plan.pitch_t + (col & (plan.c_pad - 1));
     };
-    const int steps = plan.own_pad / Math::kK;
-    if (products && sums) {
-      item.template run<Major::MN, Major::MN, true, true>(row_a, row_b, steps, m_tiles, n_tiles);
-    } else if (products) {
-      item.template run<Major::MN, Major::MN, false, true>(row_a, row_b, steps, m_tiles, n_tiles);
-    } else if (sums) {
-      item.template run<Major::MN, Major::MN, true, false>(row_a, row_b, steps, m_tiles, n_tiles);
+    if (products || sums) {
+      item.template run<Major::MN, Major::MN, true>(row_a, row_b, plan.own_pad / Math::kK, m_tiles, n_tiles, sums,
+                                                    products);
     }
   };
   const auto store_weight_item = [&](const Item& item, int im, int in, int rows, int c0, int c_count, bool nan,
@@ -358,6 +345,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     });
   };
 
+  for (int j = tid; j < plan.c_pad * s.taps; j += kThreads) {
+    weight_offsets[j] = (j / s.taps) * plan.pitch_w + (j % s.taps) * plan.rows_pad;
+  }
   // --- the block's stages: (unit, item group, sub) in order, each one's copies issued one stage ahead ---
   const auto pipeline = [&](const auto& body) {
     int unit = static_cast<int>(blockIdx.x);
@@ -526,11 +516,10 @@ ConvBackwardPlan plan_conv_backward(const Shape& s, std::size_t element_size, in
     plan.raw_g_pitch = raw_pitch(go_slots, esize);
     plan.raw_g_row_pitch = raw_pitch(go_w, esize);
     plan.raw_w_pitch = raw_pitch(c_pad * s.taps, esize);
-    plan.raw_t_pitch = raw_pitch(t_w, esize);
     const int64_t raw_g = static_cast<int64_t>(rows_pad) * std::max(plan.raw_g_pitch, go_h * plan.raw_g_row_pitch);
-    const int64_t raw_t = std::max<int64_t>(static_cast<int64_t>(c_pad) * t_h * plan.raw_t_pitch,
-                                            t_slots == s.in_pixels ? c_pad * s.in_pixels : 0);
+    const int64_t raw_t = template_raw_elements(s, c_pad, t_h, t_w, esize);
     SmemLayout l;
+    plan.off_offsets = l.take(sizeof(int) * c_pad * s.taps);
     plan.off_rows = l.take(sizeof(int64_t) * rows_pad);
     plan.off_tbl_g = l.take(sizeof(int16_t) * s.taps * plan.in_pad);
     plan.off_in_off = l.take(sizeof(int) * plan.in_pad);
@@ -544,9 +533,6 @@ ConvBackwardPlan plan_conv_backward(const Shape& s, std::size_t element_size, in
     plan.off_raw_t = l.take(element_size * raw_t);
     plan.smem = l.bytes;
     smallest = std::min(smallest, plan.smem);
-    plan.div_taps = FastDiv(static_cast<uint32_t>(s.taps));
-    plan.div_rows = FastDiv(static_cast<uint32_t>(rows_pad));
-    plan.div_c = FastDiv(static_cast<uint32_t>(c_pad));
     const int gt_items = ceil_div(plan.c_tile, 16) * (plan.in_pad / 64);
     return plan.smem <= budget && (!fused || gt_items <= max_items) && go_slots < 32767 && t_slots < 32767;
   };

@@ -62,6 +62,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto* b_s = reinterpret_cast<scalar_t*>(smem + plan.off_b);       // [slot][c]
   auto* raw_w = reinterpret_cast<scalar_t*>(smem + plan.off_raw_w);  // [row][c][tap] as in global memory
   auto* raw_t = reinterpret_cast<scalar_t*>(smem + plan.off_raw_t);  // the band, see copy_template_region
+  auto* weight_offsets = reinterpret_cast<int*>(smem + plan.off_offsets);  // raw (c, tap) -> tap * chunk + c
   const int tid = static_cast<int>(threadIdx.x), warp = warp_id();
   const int units = buckets.tile_count() * s.groups * plan.tiles_h * plan.tiles_w;  // < 2^31 (host check)
 
@@ -76,26 +77,18 @@ __global__ void __launch_bounds__(kThreads, 1)
                 [&](int r) { return w0 + buckets.row_id(u.tile.p, u.tile.first + r, u.group, s.C_out) * s.K; },
                 t.weight);
       const scalar_t* tpl = t.templates + u.tile.p * t.t_p + static_cast<int64_t>(u.group * s.Cig + c0) * t.t_c;
-      copy_template_region(tpl, t, s, c_count, u.ih_lo, u.iw_lo, u.band_h, u.band_w, raw_t, plan.raw_t_pitch);
+      copy_template_region(tpl, t, s, c_count, u.ih_lo, u.iw_lo, u.band_h, u.band_w, raw_t);
     }
     cp_async_commit();
   };
 
   // The raw copies of (unit, chunk) rearranged into a_s and b_s, with zeros past the channels and the rows.
   const auto transpose = [&](const ForwardUnit& u, int chunk) {
-    const int c0 = chunk * plan.chunk, c_count = min(plan.chunk, s.Cig - c0);
-    for (int e = tid; e < plan.rows_pad * s.taps * plan.chunk; e += kThreads) {
-      uint32_t rt, c, r, tap;
-      plan.div_chunk.divmod(static_cast<uint32_t>(e), rt, c);
-      plan.div_taps.divmod(rt, r, tap);
-      scalar_t v = scalar_t(0);
-      if (static_cast<int>(r) < u.rows && static_cast<int>(c) < c_count) {
-        v = raw_w[r * plan.raw_w_pitch + c * s.taps + tap];
-      }
-      a_s[r * plan.pitch_a + tap * plan.chunk + c] = v;
-    }
-    template_to_channels_last(raw_t, template_region_layout(t, s, u.band_h, u.band_w, plan.raw_t_pitch), c_count,
-                              plan.chunk, plan.div_chunk, u.band_h, u.band_w, b_s, plan.pitch_b);
+    const int c_count = min(plan.chunk, s.Cig - chunk * plan.chunk);
+    scatter_rows(raw_w, plan.raw_w_pitch, plan.rows_pad, u.rows, c_count * s.taps, plan.chunk * s.taps, a_s,
+                 [&](int r) { return r * plan.pitch_a; }, [&](int j) { return weight_offsets[j]; });
+    template_to_channels_last(raw_t, template_region_layout(t, s, c_count, u.band_h, u.band_w), plan.chunk,
+                              u.band_h, u.band_w, b_s, plan.pitch_b);
   };
 
   // Row ids, output pixel offsets and the (tap, pixel) -> slot table of a unit.
@@ -151,6 +144,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     });
   };
 
+  for (int j = tid; j < plan.chunk * s.taps; j += kThreads) {
+    weight_offsets[j] = (j % s.taps) * plan.chunk + j / s.taps;
+  }
   // The block's stages, (unit, chunk) in order, each one's copies issued one stage ahead; body(u, chunk) computes.
   const auto pipeline = [&](const auto& body) {
     int unit = static_cast<int>(blockIdx.x);
@@ -238,12 +234,10 @@ ConvForwardPlan plan_conv_forward(const Shape& s, std::size_t element_size, int 
     plan.pitch_a = pitch(s.taps * chunk);
     plan.pitch_b = pitch(chunk);
     plan.raw_w_pitch = raw_pitch(chunk * s.taps, esize);
-    plan.raw_t_pitch = raw_pitch(plan.band_w, esize);
     const int64_t band_slots = static_cast<int64_t>(plan.band_h) * plan.band_w;
-    // A band covering the whole template may be staged as one run of chunk * H * W elements.
-    const int64_t raw_t = std::max<int64_t>(static_cast<int64_t>(chunk) * plan.band_h * plan.raw_t_pitch,
-                                            band_slots == s.in_pixels ? chunk * s.in_pixels : 0);
+    const int64_t raw_t = template_raw_elements(s, chunk, plan.band_h, plan.band_w, esize);
     SmemLayout l;
+    plan.off_offsets = l.take(sizeof(int) * chunk * s.taps);
     plan.off_rows = l.take(sizeof(int64_t) * rows_pad);
     plan.off_table = l.take(sizeof(int16_t) * s.taps * plan.pixels_pad);
     plan.off_pixels = l.take(sizeof(int) * plan.pixels_pad);
@@ -253,8 +247,6 @@ ConvForwardPlan plan_conv_forward(const Shape& s, std::size_t element_size, int 
     plan.off_raw_t = l.take(element_size * raw_t);
     plan.smem = l.bytes;
     smallest = std::min(smallest, plan.smem);
-    plan.div_taps = FastDiv(static_cast<uint32_t>(s.taps));
-    plan.div_chunk = FastDiv(static_cast<uint32_t>(chunk));
     return plan.smem <= budget && band_slots < 32767;
   };
   const int rows_pad = round_up(std::max(tile_rows, 1), kItemM);

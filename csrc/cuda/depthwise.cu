@@ -38,10 +38,10 @@ PI_DEVICE DwGeometry template_geometry(const Shape& s) {
   return d;
 }
 
-// Widens `count` raw planes (layout from copy_template_region, or rows of `raw_pitch` with height x width
-// elements) into zero-padded planes of geometry d, shifted by (top, left).
+// Widens `count` raw planes (element (c, h, w) at layout.element(c, h, w)) of height x width into zero-padded
+// planes of geometry d, shifted by (top, left).
 template <typename scalar_t, typename wide_t>
-PI_DEVICE void widen_planes(const scalar_t* raw, RegionLayout layout, int count, int height, int width,
+PI_DEVICE void widen_planes(const scalar_t* raw, const RegionLayout& layout, int count, int height, int width,
                             const DwGeometry& d, int top, int left, wide_t* planes) {
   const int total = count * d.plane_size;
   const FastDiv div_plane(static_cast<uint32_t>(d.plane_size)), div_pitch(static_cast<uint32_t>(d.pitch));
@@ -51,7 +51,7 @@ PI_DEVICE void widen_planes(const scalar_t* raw, RegionLayout layout, int count,
     div_pitch.divmod(rest, y, x);
     const int h = static_cast<int>(y) - top, w = static_cast<int>(x) - left;
     wide_t v = wide_t(0);
-    if (h >= 0 && h < height && w >= 0 && w < width) v = static_cast<wide_t>(raw[c * layout.c_stride + h * layout.h_stride + w]);
+    if (h >= 0 && h < height && w >= 0 && w < width) v = static_cast<wide_t>(raw[layout.element(c, h, w)]);
     planes[e] = v;
   }
 }
@@ -104,8 +104,9 @@ __global__ void __launch_bounds__(kDwThreads, 1)
     const int count = buckets.count(p);
     __syncthreads();  // the previous unit is done with the planes
     if (p < s.P && count > 0) {
-      const RegionLayout layout = copy_template_region(t.templates + p * t.t_p + static_cast<int64_t>(c0) * t.t_c, t, s,
-                                                       channels, 0, 0, s.H, s.W, raw, plan.raw_pitch);
+      const RegionLayout layout =
+          copy_template_region(t.templates + p * t.t_p + static_cast<int64_t>(c0) * t.t_c, t, s, channels, 0, 0, s.H,
+                               s.W, raw);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
@@ -198,8 +199,9 @@ __global__ void __launch_bounds__(kDwThreads, 1)
     __syncthreads();  // the previous unit is done with the shared memory
     if (has_template) {
       if (count > 0) {
-        const RegionLayout layout = copy_template_region(t.templates + p * t.t_p + static_cast<int64_t>(c0) * t.t_c, t,
-                                                         s, channels, 0, 0, s.H, s.W, raw, plan.raw_pitch);
+        const RegionLayout layout =
+            copy_template_region(t.templates + p * t.t_p + static_cast<int64_t>(c0) * t.t_c, t, s, channels, 0, 0,
+                                 s.H, s.W, raw);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -219,8 +221,9 @@ __global__ void __launch_bounds__(kDwThreads, 1)
       for (int e = tid; e < rows * taps; e += kDwThreads) weights[e] = static_cast<wide_t>(t.weight[row0 * taps + e]);
       cp_async_wait<0>();
       __syncthreads();
-      widen_planes(raw, RegionLayout{static_cast<int>(s.out_pixels), s.W_out}, rows, s.H_out, s.W_out, g, g.pad_top,
-                   g.pad_left, grads);
+      RegionLayout rows_layout;  // the instance's grad_output rows: one contiguous run
+      rows_layout.planes = true, rows_layout.pitch = static_cast<int>(s.out_pixels), rows_layout.plane_width = s.W_out;
+      widen_planes(raw, rows_layout, rows, s.H_out, s.W_out, g, g.pad_top, g.pad_left, grads);
       __syncthreads();
 
       // grad_weight and grad_bias: each thread sums one column of one plane over all taps, then the columns are
@@ -351,9 +354,7 @@ DepthwisePlan plan_depthwise(const Shape& s, std::size_t element_size, bool back
     plan.chunks = ceil_div(s.C_in, channels);
     plan.instances = 4;
     const int per_instance = channels * s.Cog;
-    plan.raw_pitch = raw_pitch(s.W, static_cast<int>(element_size));
-    const int64_t raw_t = std::max<int64_t>(static_cast<int64_t>(channels) * s.in_pixels,
-                                            static_cast<int64_t>(channels) * s.H * plan.raw_pitch);
+    const int64_t raw_t = template_raw_elements(s, channels, s.H, s.W, static_cast<int>(element_size));
     SmemLayout l;
     plan.off_planes = l.take(wide * channels * rows_t * pitch_t);
     if (backward) {

@@ -76,10 +76,9 @@ struct ConvForwardPlan {
   int pixels_pad = 32;              // tile_h * tile_w rounded up to whole items
   int band_h = 1, band_w = 1;       // largest input band of a tile
   int pitch_a = 0, pitch_b = 0;     // shared-memory row pitches (elements) of the staged operands
-  int raw_w_pitch = 0, raw_t_pitch = 0;  // and of the raw copies
-  std::size_t off_rows = 0, off_table = 0, off_pixels = 0, off_a = 0, off_b = 0, off_raw_w = 0, off_raw_t = 0,
-              smem = 0;
-  FastDiv div_taps, div_chunk;      // by taps, by chunk
+  int raw_w_pitch = 0;              // and of the raw weight rows
+  std::size_t off_offsets = 0, off_rows = 0, off_table = 0, off_pixels = 0, off_a = 0, off_b = 0, off_raw_w = 0,
+              off_raw_t = 0, smem = 0;
 };
 ConvForwardPlan plan_conv_forward(const Shape& s, std::size_t element_size, int k_step, int tile_rows);
 void run_conv_forward(const ConvForwardPlan& plan, const Shape& s, const PassTensors& t, const DeviceBuckets& b,
@@ -95,10 +94,9 @@ struct ConvBackwardPlan {
   int tiles_h = 1, tiles_w = 1;
   int in_pad = 32, own_pad = 32;      // input pixels of a tile, output pixels it owns: padded to whole items
   int pitch_g = 0, pitch_t = 0, pitch_w = 0;  // shared-memory row pitches (elements) of the staged operands
-  int raw_g_pitch = 0, raw_g_row_pitch = 0, raw_w_pitch = 0, raw_t_pitch = 0;  // and of the raw copies
-  std::size_t off_rows = 0, off_tbl_g = 0, off_in_off = 0, off_own = 0, off_tbl_t = 0, off_go = 0, off_t = 0,
+  int raw_g_pitch = 0, raw_g_row_pitch = 0, raw_w_pitch = 0;  // and of the raw copies
+  std::size_t off_offsets = 0, off_rows = 0, off_tbl_g = 0, off_in_off = 0, off_own = 0, off_tbl_t = 0, off_go = 0, off_t = 0,
               off_w = 0, off_raw_g = 0, off_raw_w = 0, off_raw_t = 0, smem = 0;
-  FastDiv div_taps, div_rows, div_c;  // by taps, rows_pad, c_pad
   // grad_templates items a warp keeps in registers across the rows of a bucket
   static constexpr int persistent_items(std::size_t accumulator_bytes) { return accumulator_bytes == 8 ? 1 : 2; }
 };
@@ -127,7 +125,6 @@ struct DepthwisePlan {
   bool applies = false;
   int channels = 1, chunks = 1;  // input channels (groups) per unit, units per template
   int instances = 4;             // instances whose weights the forward stages at a time
-  int raw_pitch = 0;
   std::size_t off_planes = 0, off_grads = 0, off_weights = 0, off_accumulators = 0, off_partial = 0, off_raw = 0,
               smem = 0;
 };

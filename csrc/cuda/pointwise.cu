@@ -208,13 +208,7 @@ __global__ void __launch_bounds__(kPwThreads, 1)
       const auto row_b_k = [&](int i) { return b + (wn * kWarpN + i) * plan.pitch_b; };
       const auto row_b_mn = [&](int k, int i) { return b + k * plan.pitch_b + wn * kWarpN + i; };
       const auto run = [&](const auto& row_a, const auto& row_b) {
-        if (sums && products) {
-          item.template run<kMA, kMB, true, true>(row_a, row_b, steps, m_tiles, n_tiles);
-        } else if (sums) {
-          item.template run<kMA, kMB, true, false>(row_a, row_b, steps, m_tiles, n_tiles);
-        } else {
-          item.template run<kMA, kMB, false, true>(row_a, row_b, steps, m_tiles, n_tiles);
-        }
+        item.template run<kMA, kMB, kPass == kPointwiseWeight>(row_a, row_b, steps, m_tiles, n_tiles, sums, products);
       };
       if constexpr (kPass == kPointwiseForward) {
         run(row_a_k, row_b_mn);

@@ -72,72 +72,127 @@ PI_DEVICE void copy_runs(T* dst, int pitch, int runs, int count, int granule, co
   }
 }
 
-// Where the raw copy of a template region puts element (c, h, w): c * c_stride + h * h_stride + w.
+// Raw row pitch (elements) for runs of `count` elements: an odd number of 16-byte units (rows read as 16-byte
+// vectors by consecutive threads then fall in distinct bank groups).
+__host__ __device__ constexpr int raw_pitch(int count, int element_size) {
+  const int units = (count * element_size + 15) / 16;
+  return (units % 2 == 0 ? units + 1 : units) * (16 / element_size);
+}
+
+// Rearranges raw rows into a staged layout. Raw row r (r < rows; pitch raw_pitch, 16-byte aligned) holds `count`
+// elements; element j < width of row r goes to dst[row_offset(r) + offset(j)], as zeros for j >= count and for
+// rows r >= valid_rows. Each thread reads one 16-byte group of a row and scatters it; consecutive threads take
+// consecutive rows, so their stores fall side by side when row_offset grows by one.
+template <typename T, typename RowOffset, typename Offset>
+PI_DEVICE void scatter_rows(const T* raw, int raw_pitch, int rows, int valid_rows, int count, int width, T* dst,
+                            const RowOffset& row_offset, const Offset& offset) {
+  constexpr int kVector = 16 / static_cast<int>(sizeof(T));
+  const int groups = (width + kVector - 1) / kVector;
+  const FastDiv div_rows(static_cast<uint32_t>(rows > 0 ? rows : 1));
+  for (int e = static_cast<int>(threadIdx.x); e < rows * groups; e += static_cast<int>(blockDim.x)) {
+    uint32_t group, r;
+    div_rows.divmod(static_cast<uint32_t>(e), group, r);
+    const int j0 = static_cast<int>(group) * kVector;
+    T v[kVector];
+    if (static_cast<int>(r) < valid_rows && j0 < count) {
+      load_vector(v, raw + static_cast<int>(r) * raw_pitch + j0);
+    }
+    const int base = row_offset(static_cast<int>(r));
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) {
+      const int j = j0 + i;
+      if (j < width) dst[base + offset(j)] = static_cast<int>(r) < valid_rows && j < count ? v[i] : T(0);
+    }
+  }
+}
+
+// The raw copy of a template region: rows of `row_count` elements at `pitch`, one per channel (a template whose
+// rows are contiguous, when the region is all of it: a whole plane per row) or one per (region row, channel),
+// in that order. Element (c, h, w) of the region is at element(c, h, w).
 struct RegionLayout {
-  int c_stride, h_stride;
+  bool planes;
+  int row_count, pitch, c_count, plane_width;
+  PI_DEVICE int element(int c, int h, int w) const {
+    return planes ? c * pitch + h * plane_width + w : (h * c_count + c) * pitch + w;
+  }
 };
 
+template <typename scalar_t>
+PI_DEVICE RegionLayout template_region_layout(const Tensors<scalar_t>& t, const Shape& s, int c_count, int height,
+                                              int width) {
+  constexpr int kElem = static_cast<int>(sizeof(scalar_t));
+  RegionLayout l;
+  l.planes = height == s.H && width == s.W && t.t_w == 1 && t.t_h == s.W;
+  l.row_count = l.planes ? static_cast<int>(s.in_pixels) : width;
+  l.pitch = raw_pitch(l.row_count, kElem);
+  l.c_count = c_count;
+  l.plane_width = s.W;
+  return l;
+}
+
+// Shared-memory elements the raw copy of a region of (height x width) with up to c_count channels needs.
+inline int64_t template_raw_elements(const Shape& s, int c_count, int height, int width, int element_size) {
+  const int64_t rows = static_cast<int64_t>(c_count) * height * raw_pitch(width, element_size);
+  const int64_t planes = height == s.H && width == s.W ? c_count * static_cast<int64_t>(raw_pitch(
+                                                                       static_cast<int>(s.in_pixels), element_size))
+                                                       : 0;
+  return std::max(rows, planes);
+}
+
 // Issues the raw copy of a template region: channels [0, c_count) from `tpl` (the region's first channel),
-// rows [h0, h0 + height), columns [w0, w0 + width), into `raw` (row pitch raw_pitch elements). A contiguous
-// template whose region is all of it is copied as one run in its own layout; otherwise one run per (channel,
-// row), with cp.async where the rows are contiguous and aligned.
+// rows [h0, h0 + height), columns [w0, w0 + width), with cp.async where the rows are contiguous and aligned.
 template <typename scalar_t>
 PI_DEVICE RegionLayout copy_template_region(const scalar_t* tpl, const Tensors<scalar_t>& t, const Shape& s,
-                                            int c_count, int h0, int w0, int height, int width, scalar_t* raw,
-                                            int raw_row_pitch) {
+                                            int c_count, int h0, int w0, int height, int width, scalar_t* raw) {
   constexpr int kElem = static_cast<int>(sizeof(scalar_t));
-  if (height == s.H && width == s.W && t.t_w == 1 && t.t_h == s.W && t.t_c == s.in_pixels) {
-    copy_runs(raw, 0, 1, c_count * static_cast<int>(s.in_pixels), granule_of(reinterpret_cast<uintptr_t>(tpl)),
-              [&](int) { return tpl; }, t.weight);
-    return {static_cast<int>(s.in_pixels), s.W};
+  const RegionLayout layout = template_region_layout(t, s, c_count, height, width);
+  if (layout.planes) {
+    copy_runs(raw, layout.pitch, c_count, layout.row_count,
+              common_granule(reinterpret_cast<uintptr_t>(tpl), static_cast<uint64_t>(t.t_c) * kElem),
+              [&](int c) { return tpl + static_cast<int64_t>(c) * t.t_c; }, t.weight);
+    return layout;
   }
   const scalar_t* first = tpl + h0 * t.t_h + w0 * t.t_w;
   const int granule = t.t_w != 1 ? 0
                                  : min(common_granule(reinterpret_cast<uintptr_t>(first), t.t_c * kElem),
                                        granule_of(static_cast<uint64_t>(t.t_h * kElem)));
-  const FastDiv div_h(static_cast<uint32_t>(max(height, 1)));
-  copy_runs(raw, raw_row_pitch, c_count * height, width, granule,
+  const FastDiv div_c(static_cast<uint32_t>(max(c_count, 1)));
+  copy_runs(raw, layout.pitch, c_count * height, width, granule,
             [&](int run) {
-              uint32_t c, h;
-              div_h.divmod(static_cast<uint32_t>(run), c, h);
+              uint32_t h, c;
+              div_c.divmod(static_cast<uint32_t>(run), h, c);
               return first + static_cast<int64_t>(c) * t.t_c + static_cast<int64_t>(h) * t.t_h;
             },
             t.weight, t.t_w);
-  return {height * raw_row_pitch, raw_row_pitch};
-}
-
-// The layout copy_template_region chose for this region (the same test, without copying).
-template <typename scalar_t>
-PI_DEVICE RegionLayout template_region_layout(const Tensors<scalar_t>& t, const Shape& s, int height, int width,
-                                              int raw_row_pitch) {
-  if (height == s.H && width == s.W && t.t_w == 1 && t.t_h == s.W && t.t_c == s.in_pixels) {
-    return {static_cast<int>(s.in_pixels), s.W};
-  }
-  return {height * raw_row_pitch, raw_row_pitch};
+  return layout;
 }
 
 // The raw region rearranged channels-last: dst[slot * pitch + c] for slot = h * width + w and c < c_pad (zeros
 // past c_count), followed by one slot of zeros.
 template <typename scalar_t>
-PI_DEVICE void template_to_channels_last(const scalar_t* raw, RegionLayout layout, int c_count, int c_pad,
-                                         const FastDiv& div_c_pad, int height, int width, scalar_t* dst, int pitch) {
-  const int slots = height * width;
-  const FastDiv div_w(static_cast<uint32_t>(max(width, 1)));
-  for (int e = static_cast<int>(threadIdx.x); e < (slots + 1) * c_pad; e += static_cast<int>(blockDim.x)) {
-    uint32_t slot, c, h, w;
-    div_c_pad.divmod(static_cast<uint32_t>(e), slot, c);
-    div_w.divmod(slot, h, w);
-    scalar_t v = scalar_t(0);
-    if (static_cast<int>(slot) < slots && static_cast<int>(c) < c_count) {
-      v = raw[c * layout.c_stride + h * layout.h_stride + w];
-    }
-    dst[slot * pitch + c] = v;
+PI_DEVICE void template_to_channels_last(const scalar_t* raw, const RegionLayout& layout, int c_pad, int height,
+                                         int width, scalar_t* dst, int pitch) {
+  const int slots = height * width, c_count = layout.c_count;
+  if (layout.planes) {
+    scatter_rows(raw, layout.pitch, c_count, c_count, slots, slots, dst, [](int c) { return c; },
+                 [&](int j) { return j * pitch; });
+  } else {  // consecutive threads take consecutive channels of one region row
+    const FastDiv div_c(static_cast<uint32_t>(max(c_count, 1)));
+    const int rows = c_count * height;
+    scatter_rows(raw, layout.pitch, rows, rows, width, width, dst,
+                 [&](int i) {
+                   uint32_t h, c;
+                   div_c.divmod(static_cast<uint32_t>(i), h, c);
+                   return static_cast<int>(h) * width * pitch + static_cast<int>(c);
+                 },
+                 [&](int j) { return j * pitch; });
   }
-}
-
-// Raw row pitch (elements) for runs of `count` elements: whole 16-byte units.
-__host__ __device__ constexpr int raw_pitch(int count, int element_size) {
-  return (count * element_size + 15) / 16 * (16 / element_size);
+  // Channels past c_count, and the zero slot.
+  const int extra = c_pad - c_count;
+  for (int e = static_cast<int>(threadIdx.x); e < slots * extra; e += static_cast<int>(blockDim.x)) {
+    dst[(e / extra) * pitch + c_count + e % extra] = scalar_t(0);
+  }
+  for (int c = static_cast<int>(threadIdx.x); c < c_pad; c += static_cast<int>(blockDim.x)) dst[slots * pitch + c] = scalar_t(0);
 }
 
 }  // namespace pointins_ops::cuda

@@ -130,35 +130,40 @@ struct MmaItem {
   // k_steps steps of kK over operands addressed by row_a / row_b (see the file comment). m_tiles (1..WM) and
   // n_tiles (1..WN) say how many m16 / n8 tiles of the item hold output: the others are skipped (the
   // functors must still address valid memory for n tiles up to the next even count). Full items take a path
-  // without those checks. With kSums, the row sums of A over the same k are accumulated too; with kProducts
-  // false, only they are (B is never read).
-  template <Major kMA, Major kMB, bool kSums = false, bool kProducts = true, typename RowA, typename RowB>
-  PI_DEVICE void run(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int n_tiles) {
+  // without those checks. Where kMaySum, `sums` also accumulates the row sums of A over the same k, and
+  // `products` false skips the products (B is never read). Both are the same for the whole warp.
+  template <Major kMA, Major kMB, bool kMaySum = false, typename RowA, typename RowB>
+  PI_DEVICE void run(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int n_tiles, bool sums = false,
+                     bool products = true) {
     if (m_tiles == WM && n_tiles == WN) {
-      steps<kMA, kMB, kSums, kProducts, true>(row_a, row_b, k_steps, WM, WN);
+      steps<kMA, kMB, kMaySum, true>(row_a, row_b, k_steps, WM, WN, sums, products);
     } else {
-      steps<kMA, kMB, kSums, kProducts, false>(row_a, row_b, k_steps, m_tiles, n_tiles);
+      steps<kMA, kMB, kMaySum, false>(row_a, row_b, k_steps, m_tiles, n_tiles, sums, products);
     }
   }
 
-  template <Major kMA, Major kMB, bool kSums, bool kProducts, bool kFull, typename RowA, typename RowB>
-  PI_DEVICE void steps(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int n_tiles) {
+  template <Major kMA, Major kMB, bool kMaySum, bool kFull, typename RowA, typename RowB>
+  PI_DEVICE void steps(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int n_tiles, bool do_sums,
+                       bool products) {
+    const bool kSums = kMaySum && do_sums;
     const int lane = lane_id();
     const int g = lane / 4, t = lane % 4, q = lane / 8;
     // K-major rows are fixed for the whole call: each lane's row address once, then constant offsets.
-    SmemAddr a_row[WM], b_row[WN / 2];
+    SmemAddr a_row[WM], b_row[WN / 2] = {};
     if constexpr (kMA == Major::K) {
 #pragma unroll
       for (int i = 0; i < WM; ++i) a_row[i] = smem_addr(row_a(16 * i + lane % 16)) + kHalfBytes * (lane / 16);
     }
-    if constexpr (kMB == Major::K && kProducts) {
+    if constexpr (kMB == Major::K) {
+      if (products) {
 #pragma unroll
-      for (int j = 0; j < WN / 2; ++j) {
-        b_row[j] = smem_addr(row_b(16 * j + lane % 8 + 8 * (lane / 16))) + kHalfBytes * (q % 2);
+        for (int j = 0; j < WN / 2; ++j) {
+          b_row[j] = smem_addr(row_b(16 * j + lane % 8 + 8 * (lane / 16))) + kHalfBytes * (q % 2);
+        }
       }
     }
     uint32_t ones[2];
-    if constexpr (kSums) ones[0] = ones[1] = g == 0 ? ones_pair<elem>() : 0u;
+    if (kSums) ones[0] = ones[1] = g == 0 ? ones_pair<elem>() : 0u;
 
 #pragma unroll 2
     for (int s = 0; s < k_steps; ++s) {
@@ -180,7 +185,7 @@ struct MmaItem {
         }
         if constexpr (kTF32) {
           // Row sums stay float32 (grad_bias is a plain sum, as in torch); only the products use TF32.
-          if constexpr (kSums) {
+          if (kSums) {
             sums[i][0] += __uint_as_float(a[i][0]) + __uint_as_float(a[i][2]);
             sums[i][2] += __uint_as_float(a[i][1]) + __uint_as_float(a[i][3]);
           }
@@ -188,14 +193,14 @@ struct MmaItem {
           for (int r = 0; r < 4; ++r) a[i][r] = to_tf32(a[i][r]);
         }
       }
-      if constexpr (kSums && !kTF32) {
+      if (kSums && !kTF32) {
 #pragma unroll
         for (int i = 0; i < WM; ++i) {
           if (!kFull && i >= m_tiles) break;
           mma<Math::kKind_>(sums[i], a[i], ones);
         }
       }
-      if constexpr (kProducts) {
+      if (products) {
 #pragma unroll
         for (int j = 0; j < WN / 2; ++j) {
           if (!kFull && 2 * j >= n_tiles) break;
@@ -311,8 +316,10 @@ struct FfmaItem {
 
   // As MmaItem::run. With A K-major, rows past 16 m_tiles are neither read nor computed (so a tile of 16 rows
   // needs only 16 rows of memory); otherwise the whole item is computed and the caller masks.
-  template <Major kMA, Major kMB, bool kSums = false, bool kProducts = true, typename RowA, typename RowB>
-  PI_DEVICE void run(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int) {
+  template <Major kMA, Major kMB, bool kMaySum = false, typename RowA, typename RowB>
+  PI_DEVICE void run(const RowA& row_a, const RowB& row_b, int k_steps, int m_tiles, int, bool do_sums = false,
+                     bool products = true) {
+    const bool kSums = kMaySum && do_sums;
     const elem* a_row[kTM];
     const elem* b_row[kTN];
     const int rows = kMA == Major::K ? 4 * m_tiles : kTM;  // i < rows: row ly + 4i below 16 m_tiles
@@ -320,9 +327,11 @@ struct FfmaItem {
 #pragma unroll
       for (int i = 0; i < kTM; ++i) a_row[i] = i < rows ? row_a(row<kMA>(i)) : nullptr;
     }
-    if constexpr (kMB == Major::K && kProducts) {
+    if constexpr (kMB == Major::K) {
+      if (products) {
 #pragma unroll
-      for (int j = 0; j < kTN; ++j) b_row[j] = row_b(col<kMB>(j));
+        for (int j = 0; j < kTN; ++j) b_row[j] = row_b(col<kMB>(j));
+      }
     }
     for (int s = 0; s < k_steps; ++s) {
       elem a[kTM][kK];
@@ -346,7 +355,7 @@ struct FfmaItem {
           for (int i = 0; i < kTM; ++i) a[i][kk] = v[i];
         }
       }
-      if constexpr (kProducts) {
+      if (products) {
         if constexpr (kMB == Major::K) {
 #pragma unroll
           for (int j = 0; j < kTN; ++j) load_vector(b[j], b_row[j] + s * kK);
@@ -364,8 +373,8 @@ struct FfmaItem {
       for (int kk = 0; kk < kK; ++kk) {
 #pragma unroll
         for (int i = 0; i < kTM; ++i) {
-          if constexpr (kSums) sums[i] += a[i][kk];
-          if constexpr (kProducts) {
+          if (kSums) sums[i] += a[i][kk];
+          if (products) {
 #pragma unroll
             for (int j = 0; j < kTN; ++j) acc[i][j] += a[i][kk] * b[j][kk];
           }

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -154,15 +155,16 @@ def check_out_of_range_index() -> int:
 # the shared-memory budget (tiles of output rows, of columns; the backward in two launches over spatial tiles),
 # input channels staged in chunks, channel tiles. POINTINS_CUDA_SMEM_BUDGET shrinks the budget the planners use,
 # so these stay small enough to emulate: (bytes for 2-, 4- and 8-byte elements), or None for the default.
-PATH_CASES = [
-    ((24_000, 24_000, 42_000), Case(P=2, C_in=8, H=20, W=18, N=5, C_out=3, kernel=(3, 3), padding=(1, 1), seed=21)),
-    ((22_000, 20_000, 36_000), Case(P=3, C_in=40, H=9, W=7, N=6, C_out=4, kernel=(3, 3), padding=(1, 1), groups=2,
-                                    seed=22)),
-    ((18_000, 20_000, 36_000), Case(P=2, C_in=4, H=25, W=23, N=4, C_out=5, kernel=(3, 2), stride=(2, 1),
-                                    padding=(1, 1), dilation=(1, 2), seed=23)),
-    ((64_000, 46_000, 84_000), Case(P=2, C_in=6, H=13, W=40, N=3, C_out=2, kernel=(5, 5), stride=(2, 2),
-                                    padding=(2, 2), seed=24)),
-    (None, Case(P=3, C_in=70, H=6, W=5, N=7, C_out=40, kernel=(1, 1), index="sorted", seed=25)),
+PATH_CASES = [  # (budgets, case, what the plans must show: each budget is the smallest that fits)
+    ((26_000, 24_000, 44_000), Case(P=2, C_in=8, H=20, W=18, N=5, C_out=3, kernel=(3, 3), padding=(1, 1), seed=21),
+     "backward conv split"),
+    ((24_000, 22_000, 38_000), Case(P=3, C_in=40, H=9, W=7, N=6, C_out=4, kernel=(3, 3), padding=(1, 1), groups=2,
+                                    seed=22), "chunks=[2-9]"),
+    ((20_000, 22_000, 36_000), Case(P=2, C_in=4, H=25, W=23, N=4, C_out=5, kernel=(3, 2), stride=(2, 1),
+                                    padding=(1, 1), dilation=(1, 2), seed=23), "tiles=[1-9][0-9]*x"),
+    ((66_000, 50_000, 86_000), Case(P=2, C_in=6, H=13, W=40, N=3, C_out=2, kernel=(5, 5), stride=(2, 2),
+                                    padding=(2, 2), seed=24), "backward conv split"),
+    (None, Case(P=3, C_in=70, H=6, W=5, N=7, C_out=40, kernel=(1, 1), index="sorted", seed=25), "c_tiles=3"),
 ]
 
 
@@ -235,10 +237,12 @@ def run_suite(suite: str, quick: bool) -> int:
                 check(case, dtype)
                 count += 1
     elif suite == "paths":
-        for budget, case in PATH_CASES[:2] if quick else PATH_CASES:
+        for budget, case, shows in PATH_CASES[:2] if quick else PATH_CASES:
             try:
                 for dtype in TOL:
                     set_budget(budget, dtype)
+                    plan = plans(case, dtype)
+                    assert re.search(shows, plan), f"{case} {dtype}: the plans no longer show {shows!r}: {plan}"
                     check(case, dtype)
                     count += 1
             finally:
