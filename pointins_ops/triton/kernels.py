@@ -30,8 +30,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
+from .._compat import register_op, wrap_triton
 from .._registration import output_shape, register_conv_autograd, register_fakes
 
 # Triton reads TRITON_INTERPRET when @triton.jit runs, i.e. when this module is imported: the kernels below are
@@ -483,12 +483,6 @@ def _grad_templates(grad_output, templates, weight, order, bounds, stride, paddi
 # Registration
 # ---------------------------------------------------------------------------------------------------------------
 
-_FORWARD_SCHEMA = ("(Tensor templates, Tensor weight, Tensor? bias, Tensor? index, int[2] stride, int[2] padding, "
-                   "int[2] dilation, int groups) -> Tensor")
-_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor templates, Tensor weight, Tensor? index, int[2] stride, "
-                    "int[2] padding, int[2] dilation, int groups) -> (Tensor grad_templates, Tensor grad_weight, "
-                    "Tensor grad_bias)")
-
 
 def _device_guard(tensor: torch.Tensor):
     """Triton launches on the current CUDA device, which need not be the tensors' device. Fake tensors (tracing,
@@ -500,13 +494,18 @@ def _device_guard(tensor: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def instance_aware_conv_triton(templates, weight, bias, index, stride, padding, dilation, groups):
+def instance_aware_conv_triton(templates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               index: torch.Tensor | None, stride: list[int], padding: list[int],
+                               dilation: list[int], groups: int) -> torch.Tensor:
     """The forward op's implementation (arguments already checked and normalized by ops.py)."""
     with _device_guard(templates):
         return _forward(templates, weight, bias, index, stride, padding, dilation, groups)
 
 
-def instance_aware_conv_triton_backward(grad_output, templates, weight, index, stride, padding, dilation, groups):
+def instance_aware_conv_triton_backward(grad_output: torch.Tensor, templates: torch.Tensor, weight: torch.Tensor,
+                                        index: torch.Tensor | None, stride: list[int], padding: list[int],
+                                        dilation: list[int], groups: int
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_templates, grad_weight, grad_bias), as the C++ backward op returns them."""
     with _device_guard(templates):
         order, bounds = _sort_by_template(index, templates.shape[0], weight.shape[0], templates.device)
@@ -517,16 +516,16 @@ def instance_aware_conv_triton_backward(grad_output, templates, weight, index, s
     return grad_templates, grad_weight, grad_bias
 
 
+# The ops' schemas are inferred from the launchers' annotations (see _compat.register_op).
 if INTERPRET:
     # Interpreted kernels are Python functions that torch.compile cannot trace into a graph, so triton_op's
     # decomposition (which runs the launchers on fake tensors) would fail. The interpreter registers the same
     # launchers as opaque custom ops with shape-only fakes instead; torch.compile then calls them as a black box.
-    torch.library.custom_op(FORWARD_OP, mutates_args=(), schema=_FORWARD_SCHEMA)(instance_aware_conv_triton)
-    torch.library.custom_op(BACKWARD_OP, mutates_args=(), schema=_BACKWARD_SCHEMA)(
-        instance_aware_conv_triton_backward)
+    register_op(FORWARD_OP, instance_aware_conv_triton, traceable=False)
+    register_op(BACKWARD_OP, instance_aware_conv_triton_backward, traceable=False)
     register_fakes(FORWARD_OP, BACKWARD_OP)
 else:
-    triton_op(FORWARD_OP, mutates_args=(), schema=_FORWARD_SCHEMA)(instance_aware_conv_triton)
-    triton_op(BACKWARD_OP, mutates_args=(), schema=_BACKWARD_SCHEMA)(instance_aware_conv_triton_backward)
+    register_op(FORWARD_OP, instance_aware_conv_triton, traceable=True)
+    register_op(BACKWARD_OP, instance_aware_conv_triton_backward, traceable=True)
 
 register_conv_autograd(FORWARD_OP, torch.ops.pointins_ops.instance_aware_conv_triton_backward.default)
