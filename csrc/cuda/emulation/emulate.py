@@ -45,7 +45,9 @@ def build() -> None:
 
     folder = os.path.join(tempfile.gettempdir(), "pointins-cuda-emulation")
     os.makedirs(folder, exist_ok=True)
-    sources = [os.path.join(HERE, "runtime.cpp"), os.path.join(ROOT, "csrc", "instance_aware_conv.cpp")]
+    # The schema file's module function names the CPU kernels' micro-kernel family (csrc/cpu/gemm.cpp).
+    sources = [os.path.join(HERE, "runtime.cpp"), os.path.join(ROOT, "csrc", "instance_aware_conv.cpp"),
+               os.path.join(ROOT, "csrc", "cpu", "gemm.cpp")]
     for path in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu"))):
         wrapper = os.path.join(folder, os.path.basename(path)[:-3] + "_emulated.cpp")
         text = f'#include "{path}"\n'
