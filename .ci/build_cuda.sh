@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # CI step for the CUDA kernels, on a machine without a GPU: compile them (ptxas verbose) into a temporary
-# folder, so the in-place CPU build the tests use is left alone; load the built library in a fresh Python
-# process and check that both ops have a CUDA kernel; fail if ptxas reports a register spill.
+# folder, so the in-place CPU build the tests use is left alone; fail if ptxas reports a register spill; report
+# each kernel's hot-loop instruction mix from its SASS and fail when a kernel that should multiply on tensor
+# cores (or stage through cp.async) does not (.ci/sass_mix.py); load the built library in a fresh Python process
+# and check that both ops have a CUDA kernel.
 #
 #   .ci/build_cuda.sh                      # sm_80 and sm_90
-#   POINTINS_CUDA_ARCHS="9.0" .ci/build_cuda.sh
+#   POINTINS_CUDA_ARCHS="9.0" .ci/build_cuda.sh   # sm_90 only (the H100 / H200 the project targets)
 #
-# Needs nvcc on PATH (or CUDA_HOME) and torch with CUDA headers (a +cuXXX wheel). About 3 minutes on 2 cores.
+# Needs nvcc on PATH (or CUDA_HOME) and torch with CUDA headers (a +cuXXX wheel). Installs the SASS tools it
+# needs (pip packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm) when they are missing. About 18 minutes for
+# sm_80 and sm_90 with MAX_JOBS=2 on a busy 2-core machine (measured 2026-12-03), about half that for one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +19,28 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/pointins-cuda-build.XXXXXX")"
 if [[ -z "${POINTINS_KEEP_CUDA_BUILD:-}" ]]; then trap 'rm -rf "$work"' EXIT; fi
 log="$work/build.log"
 start=$(date +%s)
+
+# --- the SASS tools: cuobjdump (and the nvdisasm it calls) from the CUDA toolkit's pip packages ---
+find_cuobjdump() {
+  python - <<'EOF'
+import glob, os, site, sys
+roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] if p] + sys.path
+for root in dict.fromkeys(roots):
+    for path in sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "bin", "cuobjdump"))):
+        if os.access(path, os.X_OK):
+            print(path)
+            raise SystemExit
+EOF
+}
+cuobjdump="$(find_cuobjdump || true)"
+if [[ -z "$cuobjdump" ]]; then
+  cuda_major="$(python -c 'import torch; print((torch.version.cuda or "13").split(".")[0])')"
+  echo "== build_cuda: installing nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm (CUDA $cuda_major)"
+  python -m pip install --quiet "nvidia-cuda-cuobjdump>=${cuda_major},<$((cuda_major + 1))" \
+    "nvidia-cuda-nvdisasm>=${cuda_major},<$((cuda_major + 1))"
+  cuobjdump="$(find_cuobjdump)"
+fi
+echo "== build_cuda: SASS from $cuobjdump"
 
 echo "== build_cuda: compiling for TORCH_CUDA_ARCH_LIST='$archs' into $work"
 if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$archs" POINTINS_PTXAS_VERBOSE=1 MAX_JOBS="${MAX_JOBS:-2}" \
@@ -48,8 +74,9 @@ except (OSError, subprocess.CalledProcessError):
 spilled = []
 print(f"{'kernel':<64} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8}")
 for (name, arch, stack, stores, loads, registers), pretty in zip(entries, demangled):
-    kernel = re.search(r"(\w+<[^<>()]*>)\(", pretty)  # "void ns::name<args>(params)" -> "name<args>"
+    kernel = re.search(r"(\w+<[^()]*>)\(", pretty)  # "void ns::name<args>(params)" -> "name<args>"
     short = kernel.group(1) if kernel else pretty
+    short = re.sub(r"pointins_ops::cuda::(\(anonymous namespace\)::)?", "", short).replace("c10::", "")
     print(f"{short[:64]:<64} {arch:<7} {registers:>4} {stack:>5} {stores:>8} {loads:>8}")
     if int(stores) or int(loads):
         spilled.append(f"{short} on {arch}: {stores} bytes spill stores, {loads} bytes spill loads")
@@ -58,9 +85,12 @@ if spilled:
 print(f"build_cuda: {len(entries)} kernel builds, no spills")
 EOF
 
+library="$(ls "$work"/lib/pointins_ops/_C*.so)"
+echo "== build_cuda: hot loops of each kernel (SASS)"
+python .ci/sass_mix.py "$library" --cuobjdump "$cuobjdump"
+
 # A fresh process that loads only the built library (not the in-place package, which registers the same
 # op names): both ops must have CPU and CUDA kernels.
-library="$(ls "$work"/lib/pointins_ops/_C*.so)"
 python - "$library" <<'EOF'
 import sys
 

@@ -1,19 +1,27 @@
 """Run the CUDA kernels' code on the CPU, against the op's oracle, on a machine without a GPU.
 
-    python csrc/cuda/emulation/emulate.py [edge|random|tiled|nan ...]   (default: all four)
+    python csrc/cuda/emulation/emulate.py              # every suite (~N minutes on 2 cores; see README)
+    python csrc/cuda/emulation/emulate.py --quick      # a sample of each suite (a few minutes)
+    python csrc/cuda/emulation/emulate.py edge tf32    # chosen suites
 
-It rewrites csrc/cuda/instance_aware_conv.cu into plain C++ (prelude.h emulates threads, blocks, barriers and
-warp shuffles; kernel launches become emu::launch calls; the host code runs on CPU tensors), compiles it as a
-separate op library ``emu_ops`` and runs tests/oracle.py's cases through it. What it checks: the index
-arithmetic, bucketing, tiling, pixel splits, NaN masking and barrier placement of every kernel, through the
-FFMA main loop in all four dtypes. What it cannot check: the WMMA (tensor-core) main loop, data races that a
-barrier would not reveal, the CUDA launch limits and real stream / graph behaviour. Slow (one OS thread per
-CUDA thread): about 8 minutes on 2 cores for everything. Never import pointins_ops in this process: both
-libraries define the op schema's namespace.
+The sources in csrc/cuda/*.cu are compiled unchanged as C++ with -DPOINTINS_EMULATION: platform.cuh and
+primitives.cuh then map launches, barriers, warp collectives, mma.sync, ldmatrix and cp.async onto the CPU
+runtime in this folder (prelude.h, runtime.cpp), which runs each block's threads as fibers in a seeded random
+order between barriers, poisons shared memory and not-yet-waited cp.async destinations with NaN, and checks
+alignment, shared-memory bounds and launch limits (see prelude.h). So the kernels run here are the ones
+nvcc compiles for sm_80/sm_90, every dtype and every path (tensor cores, TF32, FFMA), including the host code
+that plans tiles and buckets instances. What it cannot see: timing, the real CUDA stream / graph behaviour,
+register allocation, and the hardware's own summation order inside one mma (the emulation sums exactly).
+
+The library is built as its own op namespace (torch.ops.emu_ops) for CPU tensors: never import pointins_ops in
+this process (both would define the op schema's namespace).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import glob
 import os
 import re
 import sys
@@ -23,40 +31,13 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+CUDA_DIR = os.path.dirname(HERE)
+ROOT = os.path.abspath(os.path.join(CUDA_DIR, "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from oracle import EDGE_CASES, TOL, Case, check_case, make_inputs, random_cases  # noqa: E402
+from oracle import EDGE_CASES, TOL, Case, check_case, make_inputs, oracle_grads, random_cases  # noqa: E402
 
-REMOVED_INCLUDES = ["ATen/cuda/CUDAContext.h", "c10/cuda/CUDAException.h", "c10/cuda/CUDAGuard.h", "cuda_bf16.h",
-                    "cuda_fp16.h", "mma.h"]
-
-
-def emulated_source() -> str:
-    source = open(os.path.join(ROOT, "csrc", "cuda", "instance_aware_conv.cu")).read()
-    for include in REMOVED_INCLUDES:
-        source = source.replace(f"#include <{include}>", "")
-    source = source.replace('#include "../instance_aware_conv.h"',
-                            f'#include "{HERE}/prelude.h"\n#include "{ROOT}/csrc/instance_aware_conv.h"')
-    source = source.replace("at::cuda::getCurrentDeviceProperties()->multiProcessorCount", "132")  # an H100
-    source = source.replace("at::cuda::getCurrentCUDAStream()", "0")
-    source = source.replace("c10::cuda::CUDAGuard", "EmuGuard")
-    source, launches = re.subn(r"(\w+<scalar_t>)\s*<<<(.*?), kThreads, 0, stream>>>\(",
-                               r"emu::launch(\1, \2, kThreads, ", source, flags=re.DOTALL)
-    assert launches >= 4, f"found {launches} kernel launches to rewrite"
-    begin = source.index("TORCH_LIBRARY_IMPL(pointins_ops, CUDA, m)")
-    end = source.index("}", source.index("instance_aware_conv_backward_cuda);", begin)) + 1
-    registration = """TORCH_LIBRARY(emu_ops, m) {
-  m.def("forward(Tensor templates, Tensor weight, Tensor? bias, Tensor? index, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
-  m.def("backward(Tensor grad_output, Tensor templates, Tensor weight, Tensor? index, int[2] stride, "
-        "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
-}
-TORCH_LIBRARY_IMPL(emu_ops, CPU, m) {
-  m.impl("forward", &instance_aware_conv_cuda);
-  m.impl("backward", &instance_aware_conv_backward_cuda);
-}"""
-    return source[:begin] + registration + source[end:]
+SUITES = ("nan", "edge", "random", "tiled", "paths", "pointwise", "depthwise", "tf32", "determinism")
 
 
 def build() -> None:
@@ -64,12 +45,20 @@ def build() -> None:
 
     folder = os.path.join(tempfile.gettempdir(), "pointins-cuda-emulation")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "kernels_emulated.cpp")
-    with open(path, "w") as file:
-        file.write(emulated_source())
-    load(name="pointins_cuda_emulation", sources=[path, os.path.join(ROOT, "csrc", "instance_aware_conv.cpp")],
-         extra_cflags=["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas"], extra_ldflags=["-pthread"],
-         is_python_module=False, build_directory=folder)
+    # The schema file's module function names the CPU kernels' micro-kernel family (csrc/cpu/gemm.cpp).
+    sources = [os.path.join(HERE, "runtime.cpp"), os.path.join(ROOT, "csrc", "instance_aware_conv.cpp"),
+               os.path.join(ROOT, "csrc", "cpu", "gemm.cpp")]
+    for path in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu"))):
+        wrapper = os.path.join(folder, os.path.basename(path)[:-3] + "_emulated.cpp")
+        text = f'#include "{path}"\n'
+        if not os.path.exists(wrapper) or open(wrapper).read() != text:
+            with open(wrapper, "w") as file:
+                file.write(text)
+        sources.append(wrapper)
+    load(name="pointins_cuda_emulation", sources=sources,
+         extra_cflags=["-std=c++20", "-O2", "-pthread", "-DPOINTINS_EMULATION", "-Wno-unknown-pragmas",
+                       "-Wno-unused-function"],
+         extra_ldflags=["-pthread"], is_python_module=False, build_directory=folder)
 
 
 class _Conv(torch.autograd.Function):
@@ -99,6 +88,49 @@ def tiled_cases() -> list[Case]:
     return namespace["TILED_CASES"]
 
 
+def set_tf32(enabled: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def run_emulated(case: Case, dtype: torch.dtype, seed: int):
+    """Forward and the three gradients of one case, with the scheduler's seed set to `seed`."""
+    os.environ["POINTINS_EMU_SEED"] = str(seed)
+    templates, weight, bias, index = make_inputs(case, dtype)
+    conv = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+    out = torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
+    grads = torch.ops.emu_ops.backward(grad_output.to(dtype), templates, weight, index, *conv)
+    return (out, *grads)
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest TF32 value (ties away from zero), as cvt.rna.tf32.f32 (finite values)."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64)
+    return ((bits + 0x1000) & ~0x1FFF).to(torch.int32).view(torch.float32).view(x.shape)
+
+
+def check_tf32_case(case: Case) -> None:
+    """float32 with torch's conv TF32 flag on: the tensor-core paths must round every multiplied operand to TF32
+    and sum exactly in float32. So the oracle is run on the inputs rounded to TF32 and held to the float32
+    tolerance; grad_bias, a plain sum, is compared with the sum of the unrounded grad_output. The depthwise path
+    has no tensor cores: it stays exact float32 (the flag allows TF32, it does not demand it)."""
+    if plans(case, torch.float32).startswith("forward depthwise"):
+        check(case, torch.float32)
+        return
+    templates, weight, bias, index = make_inputs(case, torch.float32)
+    conv = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+    out = torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).float()
+    grads = torch.ops.emu_ops.backward(grad_output, templates, weight, index, *conv)
+    ref_out, ref_templates, ref_weight, _ = oracle_grads(round_to_tf32(templates), round_to_tf32(weight), bias, index,
+                                                         round_to_tf32(grad_output), **case.conv_args)
+    ref_bias = grad_output.double().sum((2, 3))
+    atol, rtol = TOL[torch.float32]
+    for name, got, want in zip(("output", "grad_templates", "grad_weight", "grad_bias"), (out, *grads),
+                               (ref_out, ref_templates, ref_weight, ref_bias)):
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=lambda m: f"{case} {name}: {m}")
+
+
 def check_out_of_range_index() -> int:
     case = EDGE_CASES["stride-dilation"]
     templates, weight, bias, index = make_inputs(case, torch.float32)
@@ -109,37 +141,176 @@ def check_out_of_range_index() -> int:
     expected = torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
     good = [n for n in range(case.N) if n not in (1, 4)]
     assert out[[1, 4]].isnan().all() and torch.equal(out[good], expected[good])
-    grad_templates, grad_weight, grad_bias = torch.ops.emu_ops.backward(torch.ones_like(out), templates, weight, bad,
-                                                                        *conv)
+    grads = torch.ops.emu_ops.backward(torch.ones_like(out), templates, weight, bad, *conv)
+    expected_grads = torch.ops.emu_ops.backward(torch.ones_like(out), templates, weight, index, *conv)
+    grad_templates, grad_weight, grad_bias = grads
     assert grad_templates.isfinite().all() and grad_weight[good].isfinite().all() and grad_bias.isfinite().all()
     assert grad_weight[[1, 4]].isnan().all()
-    return 1
+    assert torch.equal(grad_weight[good], expected_grads[1][good]) and torch.equal(grad_bias, expected_grads[2])
+    # No template at all: every instance is out of range.
+    empty = torch.ops.emu_ops.forward(templates[:0], weight, bias, bad.clamp(0, 0), *conv)
+    assert empty.isnan().all()
+    return 2
 
 
-def main(suites: list[str]) -> None:
-    build()
-    for suite in suites:
-        started, count = time.time(), 0
-        if suite == "edge":
-            for case in EDGE_CASES.values():
-                for dtype in TOL:
-                    check_case(op, case, dtype)
-                    count += 1
-        elif suite == "random":  # as tests/test_ops.py: one dtype per case, cycled by seed
-            for case in random_cases(240, seed=2026):
-                check_case(op, case, list(TOL)[case.seed % len(TOL)])
+# Shapes that take each kernel through the tilings a small case does not reach by itself: templates larger than
+# the shared-memory budget (tiles of output rows, of columns; the backward in two launches over spatial tiles),
+# input channels staged in chunks, channel tiles. POINTINS_CUDA_SMEM_BUDGET shrinks the budget the planners use,
+# so these stay small enough to emulate: (bytes for 2-, 4- and 8-byte elements), or None for the default.
+PATH_CASES = [  # (budgets, case, what the plans must show: each budget is the smallest that fits)
+    ((26_000, 24_000, 44_000), Case(P=2, C_in=8, H=20, W=18, N=5, C_out=3, kernel=(3, 3), padding=(1, 1), seed=21),
+     "backward conv split"),
+    ((24_000, 22_000, 38_000), Case(P=3, C_in=40, H=9, W=7, N=6, C_out=4, kernel=(3, 3), padding=(1, 1), groups=2,
+                                    seed=22), "chunks=[2-9]"),
+    ((20_000, 22_000, 36_000), Case(P=2, C_in=4, H=25, W=23, N=4, C_out=5, kernel=(3, 2), stride=(2, 1),
+                                    padding=(1, 1), dilation=(1, 2), seed=23), "tiles=[1-9][0-9]*x"),
+    ((66_000, 50_000, 86_000), Case(P=2, C_in=6, H=13, W=40, N=3, C_out=2, kernel=(5, 5), stride=(2, 2),
+                                    padding=(2, 2), seed=24), "backward conv split"),
+    (None, Case(P=3, C_in=70, H=6, W=5, N=7, C_out=40, kernel=(1, 1), index="sorted", seed=25), "c_tiles=3"),
+]
+
+
+# The pointwise path (1x1, stride 1, no padding) on maps large enough to take it by default, and on the small 1x1
+# cases of the random sample with POINTINS_CUDA_PATH=pointwise: gathered rows, several row and channel tiles,
+# pixel splits of grad_weight, warps splitting the reduction of narrow tiles, tails of every dimension.
+POINTWISE_CASES = [
+    Case(P=3, C_in=16, H=32, W=34, N=40, C_out=8, kernel=(1, 1), index="random", seed=31),
+    Case(P=2, C_in=40, H=33, W=35, N=9, C_out=3, kernel=(1, 1), bias=False, index="sorted", seed=32),
+    Case(P=2, C_in=70, H=32, W=40, N=5, C_out=2, kernel=(1, 1), groups=2, index="unused", seed=33),
+    Case(P=4, C_in=8, H=40, W=41, N=4, C_out=140, kernel=(1, 1), index="none", seed=34),
+]
+
+
+# The depthwise path (one input channel per group): the 3x3 stride-1 fast path and the generic one, channel
+# multipliers, several channel chunks per template, unused templates, both paddings.
+DEPTHWISE_CASES = [
+    Case(P=3, C_in=40, H=14, W=13, N=9, C_out=40, kernel=(3, 3), padding=(1, 1), groups=40, index="random", seed=41),
+    Case(P=2, C_in=6, H=9, W=11, N=5, C_out=12, kernel=(3, 3), padding=(2, 0), groups=6, index="unused", seed=42),
+    Case(P=2, C_in=5, H=12, W=10, N=4, C_out=10, kernel=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+         groups=5, bias=False, seed=43),
+    Case(P=3, C_in=4, H=7, W=8, N=3, C_out=4, kernel=(1, 1), groups=4, layout="channels_last", seed=44),
+]
+
+
+def set_budget(budgets: tuple[int, int, int] | None, dtype: torch.dtype | None) -> None:
+    if budgets is None:
+        os.environ.pop("POINTINS_CUDA_SMEM_BUDGET", None)
+    else:
+        size = torch.empty((), dtype=dtype).element_size()
+        os.environ["POINTINS_CUDA_SMEM_BUDGET"] = str(budgets[{2: 0, 4: 1, 8: 2}[size]])
+
+
+def plans(case: Case, dtype: torch.dtype) -> str:
+    """The tilings the emulated library plans for the case (see describe_plans in instance_aware_conv.cu)."""
+    templates, weight, _, index = make_inputs(case, dtype)
+    return torch.ops.emu_ops.describe(templates, weight, index, list(case.stride), list(case.padding),
+                                      list(case.dilation), case.groups)
+
+
+def check(case: Case, dtype: torch.dtype) -> None:
+    """oracle.check_case on the emulated op, naming the case, dtype and scheduler seed when it fails."""
+    try:
+        check_case(op, case, dtype)
+    except Exception as error:
+        seed = os.environ.get("POINTINS_EMU_SEED", "1")
+        raise AssertionError(f"{case} {dtype} (POINTINS_EMU_SEED={seed}, path {os.environ.get('POINTINS_CUDA_PATH')},"
+                             f" budget {os.environ.get('POINTINS_CUDA_SMEM_BUDGET')}): {error}") from error
+
+
+def run_suite(suite: str, quick: bool) -> int:
+    set_tf32(False)
+    count = 0
+    if suite == "nan":
+        return check_out_of_range_index()
+    if suite == "edge":
+        for case in EDGE_CASES.values():
+            for dtype in TOL:
+                check(case, dtype)
                 count += 1
-        elif suite == "tiled":
-            for case in tiled_cases():
-                for dtype in (torch.float64, torch.float16, torch.bfloat16):
-                    check_case(op, case, dtype)
+    elif suite == "random":  # as tests/test_cuda.py samples them: one dtype per case, cycled by seed
+        cases = random_cases(240, seed=2026)
+        for case in cases[:48] if quick else cases:
+            check(case, list(TOL)[case.seed % len(TOL)])
+            count += 1
+    elif suite == "tiled":
+        cases = tiled_cases()
+        for case in cases[:2] if quick else cases:
+            for dtype in (torch.float64, torch.float16, torch.bfloat16):
+                check(case, dtype)
+                count += 1
+    elif suite == "paths":
+        for budget, case, shows in PATH_CASES[:2] if quick else PATH_CASES:
+            try:
+                for dtype in TOL:
+                    set_budget(budget, dtype)
+                    plan = plans(case, dtype)
+                    assert re.search(shows, plan), f"{case} {dtype}: the plans no longer show {shows!r}: {plan}"
+                    check(case, dtype)
                     count += 1
-        elif suite == "nan":
-            count = check_out_of_range_index()
-        else:
-            raise SystemExit(f"unknown suite {suite!r}; choose from edge, random, tiled, nan")
-        print(f"{suite}: {count} checks passed in {time.time() - started:.0f} s", flush=True)
+            finally:
+                set_budget(None, None)
+    elif suite == "pointwise":
+        for case in POINTWISE_CASES[:2] if quick else POINTWISE_CASES:
+            assert plans(case, torch.bfloat16).startswith("forward pointwise"), plans(case, torch.bfloat16)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                check(case, dtype)
+                count += 1
+        os.environ["POINTINS_CUDA_PATH"] = "pointwise"
+        try:
+            small = [dataclasses.replace(case, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                                         layout="contiguous") for case in random_cases(240, seed=2026)[:60]]
+            for case in small[:8] if quick else small:
+                check(case, (torch.float32, torch.float16, torch.bfloat16)[case.seed % 3])
+                count += 1
+        finally:
+            os.environ.pop("POINTINS_CUDA_PATH", None)
+    elif suite == "depthwise":
+        for case in DEPTHWISE_CASES[:2] if quick else DEPTHWISE_CASES:
+            assert plans(case, torch.float32).startswith("forward depthwise"), plans(case, torch.float32)
+            for dtype in TOL:
+                check(case, dtype)
+                count += 1
+    elif suite == "tf32":
+        set_tf32(True)
+        try:
+            # Short reductions only: TOL[float32] is set for them (the tiled cases' sums of thousands of terms
+            # exceed it in plain float32 too; tests/test_cuda.py leaves float32 out of them for that reason).
+            cases = [case for case in EDGE_CASES.values() if case.N > 0] + random_cases(240, seed=2026)[::10]
+            for case in cases[:6] if quick else cases:
+                check_tf32_case(case)
+                count += 1
+        finally:
+            set_tf32(False)
+    elif suite == "determinism":
+        # The scheduler's seed changes the order in which threads and warps run between barriers; the results
+        # must not change by a single bit (no atomics, fixed summation orders).
+        case = Case(P=4, C_in=20, H=11, W=9, N=13, C_out=6, kernel=(3, 3), padding=(1, 1), groups=2, seed=5)
+        for dtype in (torch.float32, torch.bfloat16):
+            first = run_emulated(case, dtype, seed=1)
+            second = run_emulated(case, dtype, seed=977)
+            for what, a, b in zip(("output", "grad_templates", "grad_weight", "grad_bias"), first, second):
+                assert torch.equal(a, b), f"{what} ({dtype}) differs between two schedules"
+            count += 1
+        os.environ["POINTINS_EMU_SEED"] = "1"
+    else:
+        raise SystemExit(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    return count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("suites", nargs="*", help=f"any of {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a sample of each suite")
+    args = parser.parse_args(argv)
+    started = time.time()
+    build()
+    print(f"built in {time.time() - started:.0f} s", flush=True)
+    for suite in args.suites or SUITES:
+        begun = time.time()
+        count = run_suite(suite, args.quick)
+        print(f"{suite}: {count} checks passed in {time.time() - begun:.0f} s", flush=True)
+    print(f"all passed in {time.time() - started:.0f} s ({torch.ops.emu_ops.launches()} kernel launches)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["nan", "edge", "random", "tiled"])
+    main()
