@@ -1,0 +1,332 @@
+"""How each launch is shaped: the path (tensor-core GEMM or direct), the tiles, the splits, the grids and the
+autotuning candidates, all decided on the host from sizes and strides alone.
+
+Two rules keep results bitwise reproducible whatever config autotuning picks:
+
+* Everything that decides the order in which an output element sums its terms is chosen here from the shape,
+  never tuned: the reduction chunks (channels per step, rows per step of grad_templates, pixels per step of
+  grad_weight), the grad_weight split, and the config of any kernel that reduces with ``tl.sum``.
+* The autotuned parameters only move work between programs and warps: output tile widths, ``num_warps``,
+  ``num_stages``. Every reduction in an autotuned kernel is a chain of dots (common.py), whose order along the
+  reduced axis is the loop order.
+
+Sizes may be symbolic under torch.compile: tile sizes are read from size hints without guards (they only change
+speed), so one compiled graph serves every instance count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+
+from .._registration import output_shape
+
+# Programs to aim for: four per streaming multiprocessor of an H100 / H200 (132). A constant, not read from the
+# device, so that the grad_weight split (which fixes a summation order) is the same on every GPU.
+TARGET_PROGRAMS = 4 * 132
+# A template whose pixels fit one tile of this many takes the fused backward: one launch, one read of
+# grad_output per row block, and no partial sums.
+MAX_FUSED_PIXELS = 256
+# Tensor-core tiles need 16 along each dimension.
+MIN_DOT = 16
+# float32 accumulator elements per program: 64 registers per thread at 8 warps (the rest hold operands).
+MAX_ACC = 16384
+# grad_weight partial sums (float32) beyond this many bytes take fewer, longer splits.
+MAX_PARTIAL_BYTES = 16 << 20
+INT32_MAX = 2**31 - 1
+
+
+def size_hint(size) -> int:
+    """A size's value, read without a guard where torch.compile made it symbolic: tile sizes only change speed,
+    so one compiled graph keeps serving every instance count instead of recompiling for each."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    from torch.fx.experimental import symbolic_shapes
+
+    optimization_hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch >= 2.10
+    if optimization_hint is not None:
+        return optimization_hint(size, fallback=64)
+    return symbolic_shapes.hint_int(size, fallback=64)
+
+
+def pow2_between(value, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(size_hint(value), 1))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The op's sizes. Entries may be SymInts under torch.compile; plan decisions read them through hints."""
+    P: int
+    C_in: int
+    H: int
+    W: int
+    N: int
+    C_out: int
+    G: int          # groups
+    Cg: int         # input channels per group
+    R: int          # output channels per group: the rows each instance adds to its template's GEMM
+    kH: int
+    kW: int
+    H_out: int
+    W_out: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    identity: bool  # no index: instance n uses template n
+
+    @property
+    def taps(self) -> int:
+        return self.kH * self.kW
+
+    @property
+    def pixels(self):
+        return self.H * self.W
+
+    @property
+    def out_pixels(self):
+        return self.H_out * self.W_out
+
+    @property
+    def templates_in_grid(self):
+        """Templates the grids cover: the P templates, plus the sentinel P of out-of-range indices."""
+        return self.P if self.identity else self.P + 1
+
+    def hint(self, name: str) -> int:
+        return size_hint(getattr(self, name))
+
+    def average_rows(self) -> int:
+        """Rows (instances x output channels of a group) per used template, on average: the row-block size."""
+        N, P = self.hint("N"), self.hint("P")
+        return max(1, math.ceil(N * self.hint("R") / max(min(N, P), 1)))
+
+    def average_instances(self) -> int:
+        N, P = self.hint("N"), self.hint("P")
+        return max(1, math.ceil(N / max(min(N, P), 1)))
+
+
+def geometry(templates, weight, index, stride, padding, dilation, groups) -> Geometry:
+    P, C_in, H, W = templates.shape
+    N, C_out, Cg, kH, kW = weight.shape
+    _, _, H_out, W_out = output_shape(templates, weight, stride, padding, dilation)
+    return Geometry(P, C_in, H, W, N, C_out, groups, Cg, C_out // groups, kH, kW, H_out, W_out, tuple(stride),
+                    tuple(padding), tuple(dilation), index is None)
+
+
+FORCE_PATH = None  # tests set "gemm" or "direct" to run one path on every shape
+
+
+def uses_direct_path(geom: Geometry) -> bool:
+    """Depthwise and other many small groups: a tensor-core tile would hold mostly zeros (a few channels per tap
+    and a few rows per group), so the direct multiply-add kernels serve them, vectorised across groups."""
+    if FORCE_PATH is not None:
+        return FORCE_PATH == "direct"
+    return geom.G >= 4 and geom.hint("Cg") * geom.hint("R") <= 16
+
+
+def fused_backward(geom: Geometry) -> bool:
+    return geom.hint("pixels") <= MAX_FUSED_PIXELS and geom.hint("out_pixels") <= MAX_FUSED_PIXELS
+
+
+def contiguous_taps(geom: Geometry, tensor_strides) -> bool:
+    """Whether a tap is a constant shift of the flat pixel index: unit stride and dilation, output rows as wide
+    as the template's, pixels contiguous in ``tensor_strides`` (the (h, w) strides of the tensor read)."""
+    return (geom.stride == (1, 1) and geom.dilation == (1, 1) and geom.hint("W_out") == geom.hint("W")
+            and tuple(size_hint(s) for s in tensor_strides) == (geom.hint("W"), 1))
+
+
+def alignment(*values) -> int:
+    """The largest power of 2, at most 8 elements (16 bytes of float16), dividing every value: what the kernels
+    may promise with tl.multiple_of about channel and row offsets."""
+    align = 8
+    for value in values:
+        value = size_hint(value)
+        while align > 1 and value % align:
+            align //= 2
+    return align
+
+
+def tensor_alignment(*tensors) -> int:
+    """alignment() of the tensors' channel strides and storage offsets (allocations are 16-byte aligned)."""
+    values = []
+    for tensor in tensors:
+        values.append(tensor.storage_offset())
+        values.extend(tensor.stride()[:2])
+    return alignment(*values)
+
+
+def _largest_offset(tensor: torch.Tensor) -> int:
+    return sum((size_hint(size) - 1) * abs(size_hint(stride))
+               for size, stride in zip(tensor.shape, tensor.stride()) if size_hint(size) > 0)
+
+
+FORCE_64BIT_OFFSETS = False  # tests set this to run the 64-bit code path on small tensors
+
+
+def needs_64bit_offsets(*tensors, extra_elements: int = 0) -> bool:
+    return FORCE_64BIT_OFFSETS or extra_elements > INT32_MAX or any(
+        tensor is not None and (size_hint(tensor.numel()) > INT32_MAX or _largest_offset(tensor) > INT32_MAX)
+        for tensor in tensors)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Tiles and grids
+# -------------------------------------------------------------------------------------------------------------
+
+
+def _no_arguments(meta) -> dict:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: its arguments fixed by the shape (tiles, splits), the autotuning candidates (the first is
+    the default: what runs without autotuning and under capture), and the grid and arguments that depend on the
+    chosen candidate's tile sizes."""
+    constants: dict
+    candidates: list                 # of triton.Config
+    grid: object                     # callable(config kwargs) -> grid tuple
+    arguments: object = _no_arguments  # callable(config kwargs) -> more kernel arguments
+
+
+def _configs(tiles: list[dict], warps=(4, 8), stages=(2,)) -> list:
+    return [triton.Config(dict(tile), num_warps=w, num_stages=s) for tile in tiles for w in warps for s in stages]
+
+
+def block_rows(geom: Geometry, pixels_per_tile: int) -> int:
+    """Rows per block: about the rows a template holds, within the accumulator budget."""
+    return pow2_between(geom.average_rows(), MIN_DOT, max(MIN_DOT, min(128, MAX_ACC // pixels_per_tile)))
+
+
+def block_channels(geom: Geometry, high: int = 64) -> int:
+    return pow2_between(geom.Cg, MIN_DOT, high)
+
+
+def row_splits(geom: Geometry, rows_per_block: int, programs: int, high: int) -> int:
+    """Programs per template's rows, so that a launch has about TARGET_PROGRAMS programs."""
+    row_tiles = max(1, math.ceil(geom.average_rows() / rows_per_block))
+    return max(1, min(row_tiles, high, math.ceil(TARGET_PROGRAMS / max(programs, 1))))
+
+
+def forward_gemm_launch(geom: Geometry) -> Launch:
+    out_pixels = geom.hint("out_pixels")
+    if out_pixels <= MAX_FUSED_PIXELS:  # the whole template in one tile: read once, shared by every row block
+        widths = [pow2_between(out_pixels, MIN_DOT, MAX_FUSED_PIXELS)]
+    else:
+        widths = [128, 64, 256]
+    block_m = block_rows(geom, widths[0])
+    widths = [w for w in widths if block_m * w <= MAX_ACC] or [MAX_ACC // block_m]
+    block_c = block_channels(geom)
+    templates = geom.hint("templates_in_grid") * geom.G
+    splits = row_splits(geom, block_m, templates * triton.cdiv(out_pixels, widths[0]), high=16)
+
+    def grid(meta):
+        return (geom.templates_in_grid * geom.G * splits * triton.cdiv(geom.out_pixels, meta["BLOCK_N"]),)
+
+    def arguments(meta):
+        return dict(num_px_tiles=triton.cdiv(geom.out_pixels, meta["BLOCK_N"]))
+
+    constants = dict(BLOCK_M=block_m, BLOCK_C=block_c, row_splits=splits)
+    return Launch(constants, _configs([dict(BLOCK_N=w) for w in widths], stages=(3, 2)), grid, arguments)
+
+
+def forward_direct_launch(geom: Geometry) -> Launch:
+    out_pixels = geom.hint("out_pixels")
+    block_n = pow2_between(out_pixels, 16, MAX_FUSED_PIXELS)
+    block_i = pow2_between(geom.average_instances(), 1, 4)
+    block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (block_i * block_n)))
+    group_tiles = triton.cdiv(geom.G, block_g)
+    px_tiles = triton.cdiv(geom.out_pixels, block_n)
+    templates = geom.hint("templates_in_grid")
+    splits = max(1, min(math.ceil(geom.average_instances() / block_i),
+                        math.ceil(TARGET_PROGRAMS / max(templates * size_hint(group_tiles) * size_hint(px_tiles), 1))))
+
+    def grid(meta):
+        return (geom.templates_in_grid * splits * group_tiles * px_tiles,)
+
+    constants = dict(BLOCK_I=block_i, BLOCK_G=block_g, BLOCK_N=block_n, num_px_tiles=px_tiles,
+                     num_group_tiles=group_tiles, instance_splits=splits)
+    return Launch(constants, _configs([{}], warps=(4,), stages=(1,)), grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    launches: list      # of (name, Launch): fused, or grad_templates then grad_weight
+    splits: int         # grad_weight splits over output pixels (partials when > 1)
+
+
+def backward_gemm_plan(geom: Geometry) -> BackwardPlan:
+    block_c = block_channels(geom)
+    c_chunks = triton.cdiv(geom.Cg, block_c)
+    templates = geom.hint("templates_in_grid") * geom.G * size_hint(c_chunks)
+    if fused_backward(geom):
+        block_pi = pow2_between(geom.pixels, MIN_DOT, MAX_FUSED_PIXELS)
+        block_po = pow2_between(geom.out_pixels, MIN_DOT, MAX_FUSED_PIXELS)
+        block_m = block_rows(geom, max(block_po, block_pi))
+        constants = dict(DO_GT=True, DO_GW=True, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_PI=block_pi,
+                         BLOCK_PO=block_po, num_c_chunks=c_chunks, num_px_tiles=1, row_splits=1,
+                         split_len=geom.out_pixels, gt_len=geom.pixels)
+
+        def grid(meta):
+            return (geom.templates_in_grid * geom.G * c_chunks,)
+
+        return BackwardPlan([("fused", Launch(constants, _configs([{}]), grid))], 1)
+
+    # grad_templates: tiles of template pixels; the reduction runs over the template's rows in blocks of 64.
+    gt_block_m = pow2_between(geom.average_rows(), MIN_DOT, 64)
+    gt_constants = dict(DO_GT=True, DO_GW=False, BLOCK_M=gt_block_m, BLOCK_C=block_c, BLOCK_PO=MIN_DOT,
+                        num_c_chunks=c_chunks, row_splits=1, split_len=0)
+
+    def gt_grid(meta):
+        return (geom.P * geom.G * c_chunks * triton.cdiv(geom.pixels, meta["BLOCK_PI"]),)
+
+    def gt_arguments(meta):
+        return dict(num_px_tiles=triton.cdiv(geom.pixels, meta["BLOCK_PI"]), gt_len=meta["BLOCK_PI"])
+
+    grad_templates = Launch(gt_constants, _configs([dict(BLOCK_PI=128), dict(BLOCK_PI=64)]), gt_grid, gt_arguments)
+
+    # grad_weight: row blocks x channel chunks x splits of the output pixels, 64 pixels per step.
+    block_po = 64
+    block_m = pow2_between(geom.average_rows(), MIN_DOT, 128)
+    rows_split = row_splits(geom, block_m, templates, high=8)
+    out_pixels = geom.hint("out_pixels")
+    weight_elements = geom.hint("N") * geom.hint("C_out") * geom.hint("Cg") * geom.taps
+    most_splits = max(1, min(triton.cdiv(out_pixels, 4 * block_po), MAX_PARTIAL_BYTES // max(4 * weight_elements, 1)))
+    splits = max(1, min(most_splits, math.ceil(TARGET_PROGRAMS / (templates * rows_split))))
+    split_len = triton.cdiv(triton.cdiv(out_pixels, splits), block_po) * block_po
+    splits = triton.cdiv(geom.out_pixels, split_len)  # symbolic where the sizes are: every pixel is covered
+    gw_constants = dict(DO_GT=False, DO_GW=True, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_PI=MIN_DOT,
+                        BLOCK_PO=block_po, num_c_chunks=c_chunks, num_px_tiles=splits, row_splits=rows_split,
+                        split_len=split_len, gt_len=0)
+
+    def gw_grid(meta):
+        return (geom.templates_in_grid * geom.G * c_chunks * rows_split * splits,)
+
+    grad_weight = Launch(gw_constants, _configs([{}], stages=(3, 2)), gw_grid)
+    return BackwardPlan([("grad_templates", grad_templates), ("grad_weight", grad_weight)], splits)
+
+
+
+def backward_direct_plan(geom: Geometry) -> BackwardPlan:
+    fused = fused_backward(geom)
+    block_pi = pow2_between(geom.pixels, 16, MAX_FUSED_PIXELS) if fused else MAX_FUSED_PIXELS
+    block_po = pow2_between(geom.out_pixels, 16, MAX_FUSED_PIXELS) if fused else MAX_FUSED_PIXELS
+    block_i = pow2_between(geom.average_instances(), 1, 4)
+    block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (block_i * max(block_po, block_pi))))
+    group_tiles = triton.cdiv(geom.G, block_g)
+    in_tiles = triton.cdiv(geom.pixels, block_pi)
+    out_tiles = triton.cdiv(geom.out_pixels, block_po)
+    px_tiles = torch.sym_max(in_tiles, out_tiles)
+    constants = dict(BLOCK_I=block_i, BLOCK_G=block_g, BLOCK_PI=block_pi, BLOCK_PO=block_po,
+                     num_group_tiles=group_tiles, num_px_tiles=px_tiles, num_out_tiles=out_tiles,
+                     num_in_tiles=in_tiles)
+
+    def grid(meta):
+        return (geom.templates_in_grid * group_tiles * px_tiles,)
+
+    return BackwardPlan([("direct", Launch(constants, _configs([{}], warps=(4,), stages=(1,)), grid))], out_tiles)
+
+
+PARTIAL_SUM_BLOCK = 1024
