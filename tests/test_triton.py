@@ -1,5 +1,6 @@
-"""The Triton backend against the op's oracle, the C++ CPU kernel, and itself (determinism), plus opcheck and
-torch.compile.
+"""The Triton backend against the op's oracle, the C++ CPU kernel, and itself (determinism: run to run and across
+every autotuning candidate), plus opcheck, torch.compile, CUDA-graph-safe config choice, and compiles for sm_80 /
+sm_90 without a GPU (no register spills in any candidate).
 
 Without a GPU the kernels run on CPU tensors in the Triton interpreter. Triton decides whether kernels are
 compiled or interpreted when they are defined, i.e. when pointins_ops is first imported, so TRITON_INTERPRET=1
@@ -25,10 +26,11 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import pointins_ops.triton as triton_backend  # noqa: E402
+from pointins_ops.triton import bucketing  # noqa: E402
 from oracle import (  # noqa: E402
-    EDGE_CASES, RESULT_NAMES, Case, capture_forward_and_backward, check_agrees_with_cpu_kernel,
+    EDGE_CASES, RESULT_NAMES, TOL, Case, capture_forward_and_backward, check_agrees_with_cpu_kernel,
     check_bitwise_reproducible, check_case, check_compiled_fullgraph, check_ops_pass_opcheck,
-    check_out_of_range_index_is_masked, random_cases)
+    check_out_of_range_index_is_masked, make_inputs, oracle_grads, random_cases)
 from pointins_ops import available_backends, instance_aware_conv  # noqa: E402
 from pointins_ops.triton import op as triton_op, plan, tuning  # noqa: E402
 
@@ -88,7 +90,7 @@ def test_edge_cases_match_conv2d(name, dtype):
     check_case(op, EDGE_CASES[name], dtype, DEVICE)
 
 
-@pytest.mark.parametrize("name", ["stride-dilation", "channels-last", "depthwise-multiplier"])
+@pytest.mark.parametrize("name", ["stride-dilation", "channels-last", "depthwise-multiplier", "large-tile"])
 def test_64bit_offsets_match_conv2d(name, monkeypatch):
     # Tensors with 2^31 elements do not fit a test; the same code path is forced on small ones.
     monkeypatch.setattr(plan, "FORCE_64BIT_OFFSETS", True)
@@ -96,9 +98,151 @@ def test_64bit_offsets_match_conv2d(name, monkeypatch):
 
 
 def test_many_instances_per_template_match_conv2d():
-    # Several row tiles per template, several pixel tiles, and instances spread over templates unevenly.
-    case = Case(P=3, C_in=4, H=20, W=30, N=40, C_out=3, kernel=(3, 3), padding=(1, 1), index="random", seed=3)
+    # Several row tiles per template, several pixel tiles and grad_weight splits (float32 partials), instances
+    # spread over templates unevenly.
+    case = Case(P=3, C_in=4, H=16, W=20, N=40, C_out=3, kernel=(3, 3), padding=(1, 1), index="random", seed=3)
     check_case(op, case, torch.float32, DEVICE)
+
+
+# Shapes of each code path; every one has several reduction steps (taps x channel chunks, row blocks, pixel chunks).
+PATH_CASES = {
+    # a template fits a tile: forward with the whole template per tile, one fused backward launch
+    "small-templates": Case(P=3, C_in=40, H=7, W=9, N=7, C_out=5, kernel=(3, 3), padding=(1, 1), seed=21),
+    # larger templates: pixel tiles, fused backward over splits with float32 partials and their fixed-order sum
+    "large-templates": Case(P=2, C_in=20, H=17, W=17, N=5, C_out=3, kernel=(3, 3), padding=(1, 1), seed=22),
+    # output and template pixels differ (stride): grad_templates and split grad_weight are two launches
+    "strided": Case(P=2, C_in=18, H=20, W=22, N=4, C_out=4, kernel=(3, 3), stride=(2, 2), padding=(1, 1),
+                    groups=2, seed=23),
+    # contiguous 1x1 path without bounds tests, no index (no bucketing)
+    "1x1": Case(P=4, C_in=24, H=6, W=10, N=4, C_out=20, kernel=(1, 1), index="none", seed=24),
+    # depthwise: the direct kernels
+    "depthwise": Case(P=2, C_in=16, H=9, W=8, N=5, C_out=16, kernel=(3, 3), padding=(1, 1), groups=16, seed=25),
+}
+
+
+@pytest.mark.parametrize("path", ["gemm", "direct"])
+@pytest.mark.parametrize("name", ["stride-dilation", "depthwise", "padding-only-output", "rectangular"])
+def test_both_paths_serve_any_shape(name, path, monkeypatch):
+    # The tensor-core and the direct kernels are each chosen for some shapes; each must be right on all of them.
+    monkeypatch.setattr(plan, "FORCE_PATH", path)
+    check_case(op, EDGE_CASES[name], torch.float32, DEVICE)
+
+
+def test_large_batches_bucket_with_torch_sort(monkeypatch):
+    monkeypatch.setattr(triton_op, "FORCE_TORCH_BUCKETING", True)
+    check_case(op, EDGE_CASES["unused-templates"], torch.float32, DEVICE)
+    check_case(op, PATH_CASES["large-templates"], torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("N, P", [(1, 1), (37, 9), (2100, 5), (90, 600)])
+def test_bucket_kernel_matches_torch_sort(N, P):
+    # A stable sort by template, out-of-range values (negative or >= P) in the sentinel bucket P, count and start
+    # per template; N = 2100 takes several steps per pass, P = 600 several templates per program.
+    generator = torch.Generator().manual_seed(N * 1000 + P)
+    index = torch.randint(-3, P + 3, (N,), generator=generator).to(DEVICE)
+    order, start, count = (torch.empty(N, dtype=torch.int32, device=DEVICE),
+                           torch.empty(P + 1, dtype=torch.int32, device=DEVICE),
+                           torch.empty(P + 1, dtype=torch.int32, device=DEVICE))
+    block_t = bucketing.templates_per_program(P)
+    bucketing.bucket_kernel[(-(-(P + 1) // block_t),)](index, order, start, count, N, P, BLOCK_T=block_t,
+                                                        CHUNK=bucketing.chunk(block_t))
+    for what, got, want in zip(("order", "start", "count"), (order, start, count),
+                               bucketing.sort_by_template_with_torch(index, P)):
+        assert torch.equal(got.cpu(), want.cpu()), what
+
+
+def _run_each_candidate(case: Case, dtype: torch.dtype, monkeypatch) -> dict:
+    """{kernel: number of candidates}, after running the op's forward and backward ops once with each autotuning
+    candidate of each kernel (the others at their default) and checking that every run gives the default run's
+    bits. The default run is checked against the oracle."""
+    forced, seen = {}, {}
+
+    def choose(key, candidates, run, tensor):
+        seen[key[0]] = len(candidates)
+        return candidates[forced.get(key[0], 0)]
+
+    monkeypatch.setattr(tuning, "choose", choose)
+    forward_op, backward_op = torch.ops.pointins_ops.instance_aware_conv_triton, \
+        torch.ops.pointins_ops.instance_aware_conv_triton_backward
+    templates, weight, bias, index = make_inputs(case, dtype, DEVICE)
+    out = forward_op(templates, weight, bias, index, *case.op_args)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
+                              dtype=torch.float64).to(dtype).to(DEVICE)
+    grads = backward_op(grad_output, templates, weight, index, *case.op_args)
+    want = oracle_grads(templates, weight, bias, index, grad_output, **case.conv_args)
+    atol, rtol = TOL[dtype]
+    for what, got, expected in zip(RESULT_NAMES, (out, *grads), want):
+        torch.testing.assert_close(got.double().cpu(), expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    default = [out, *grads]
+    for kernel, count in dict(seen).items():
+        for candidate in range(1, count):
+            forced.clear()
+            forced[kernel] = candidate
+            if kernel.startswith("forward"):
+                again = [forward_op(templates, weight, bias, index, *case.op_args)]
+            else:
+                again = [out, *backward_op(grad_output, templates, weight, index, *case.op_args)]
+            for what, a, b in zip(RESULT_NAMES, default, again):
+                assert torch.equal(a, b), f"{what} of {kernel} candidate {candidate} differs from the default's bits"
+    return seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_autotune_candidate_matches_and_gives_the_same_bits(dtype, monkeypatch):
+    # What the GPU may pick is what runs here: every candidate of every kernel, on cases with several reduction
+    # steps, in each dtype. Equal bits across candidates is what makes autotuning unable to change a result
+    # (grad_bias included: it is a dot against a ones column, not a warp-layout-dependent tl.sum). On a GPU this
+    # also catches any dependence on num_warps and num_stages, which the interpreter does not model.
+    seen = {}
+    for name in ("small-templates", "large-templates", "strided", "1x1"):
+        for kernel, count in _run_each_candidate(PATH_CASES[name], dtype, monkeypatch).items():
+            seen[f"{name}/{kernel}"] = count
+    # Each launch kind was autotunable here (more than one candidate), so the loop above compared something (IEEE
+    # float32's grad_weight has one: 4 warps, see plan._configs).
+    autotuned = {"forward_gemm", "backward_fused", "backward_grad_templates"}
+    if dtype != torch.float32:
+        autotuned.add("backward_grad_weight")
+    assert {key.split("/")[1] for key, count in seen.items() if count > 1} >= autotuned, seen
+
+
+def test_config_choice_never_benchmarks_under_capture_or_tracing(monkeypatch):
+    # tuning.choose's policy, on the CPU: a key tuned before capture keeps its choice under capture; a key first
+    # seen under capture runs the default candidate and is not remembered (so nothing synchronises inside the
+    # capture); outside capture every candidate is timed once and the fastest remembered.
+    class CudaTensor:
+        is_cuda = True
+
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "_tuned", {})
+    monkeypatch.setattr("torch._subclasses.fake_tensor.is_fake", lambda tensor: False)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    timings = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed = []
+
+    def do_bench(fn, warmup, rep):
+        return fn()
+
+    monkeypatch.setattr("triton.testing.do_bench", do_bench)
+
+    def run(config):
+        timed.append(config)
+        return timings[config]
+
+    candidates = ["a", "b", "c"]
+    capturing[0] = True
+    assert tuning.choose("first seen under capture", candidates, run, CudaTensor()) == "a"
+    assert timed == [] and "first seen under capture" not in tuning._tuned
+    capturing[0] = False
+    assert tuning.choose("tuned eagerly", candidates, run, CudaTensor()) == "b"
+    assert timed == ["a", "b", "c"]
+    capturing[0] = True
+    assert tuning.choose("tuned eagerly", candidates, run, CudaTensor()) == "b"
+    assert timed == ["a", "b", "c"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    capturing[0] = False
+    assert tuning.choose("traced", candidates, run, CudaTensor()) == "a" and len(timed) == 3
 
 
 @needs_cpu_kernel
@@ -136,7 +280,7 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(got, want), f"{what} differs between replay and eager"
 
 
-@pytest.mark.parametrize("name", ["stride-dilation", "channels-last", "empty-N", "int32-index"])
+@pytest.mark.parametrize("name", ["padding-only-output", "channels-last", "empty-N", "int32-index"])
 def test_opcheck(name):
     # Under the interpreter the op is an opaque custom op (see kernels.py); on a GPU it is a triton_op whose
     # kernels torch.compile traces. opcheck covers both registrations: schema, fake, autograd, AOT dispatch.
@@ -150,11 +294,41 @@ def test_torch_compile_fullgraph():
 @needs_gpu  # the interpreter never autotunes
 def test_autotuned_kernels_match_oracle(monkeypatch):
     monkeypatch.setattr(tuning, "AUTOTUNE", True)
-    for case in RANDOM_CASES[:6] + [EDGE_CASES["large-tile"]]:
+    for case in RANDOM_CASES[:6] + [EDGE_CASES["large-tile"]] + list(PATH_CASES.values()):
         check_case(op, case, torch.float32, DEVICE)
-    # Inductor launches autotuned user kernels itself.
     torch._dynamo.reset()
     check_case(torch.compile(op, fullgraph=True), EDGE_CASES["stride-dilation"], torch.float32, DEVICE)
+
+
+@needs_gpu
+def test_capture_of_an_untuned_shape_runs_defaults_without_benchmarking(monkeypatch):
+    # The warm-up before capture compiles the default candidates with autotuning off; then, autotuning on, the
+    # capture meets keys nobody has tuned: it must run the defaults and time nothing inside the capture.
+    case = PATH_CASES["large-templates"]
+    templates, weight, bias, index = make_inputs(case, torch.float32, DEVICE)
+    forward_op = torch.ops.pointins_ops.instance_aware_conv_triton
+    backward_op = torch.ops.pointins_ops.instance_aware_conv_triton_backward
+
+    def step():
+        out = forward_op(templates, weight, bias, index, *case.op_args)
+        return (out, *backward_op(torch.ones_like(out), templates, weight, index, *case.op_args))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    tuning.clear()
+    before = tuning.benchmarks_run
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    assert tuning.benchmarks_run == before
+    graph.replay()
+    torch.cuda.synchronize()
+    for what, got, want in zip(RESULT_NAMES, captured, step()):
+        assert torch.equal(got, want), f"{what} differs between replay and eager"
 
 
 def test_float32_follows_conv2d_tf32_flag():

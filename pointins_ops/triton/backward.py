@@ -39,11 +39,13 @@ def _row_block(row_tile, num_rows, first, order, R, group, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _output_pixels_of(h, w, hw_ok, kh, kw, H_out, W_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                      UNIT_STRIDE: tl.constexpr):
+                      UNIT_STRIDE: tl.constexpr, NO_BOUNDS: tl.constexpr):
     """The output pixel (oh, ow) that reads template pixel (h, w) through tap (kh, kw), and whether it exists:
     h = oh * stride_h - pad_h + kh * dil_h, and likewise for w."""
     oh = h + pad_h - kh * dil_h
     ow = w + pad_w - kw * dil_w
+    if NO_BOUNDS and UNIT_STRIDE:  # a 1x1 kernel, no padding, unit stride: pixel (h, w) is output pixel (h, w)
+        return oh, ow, hw_ok
     ok = hw_ok & (oh >= 0) & (ow >= 0)
     if not UNIT_STRIDE:
         ok = ok & (oh % stride_h == 0) & (ow % stride_w == 0)
@@ -54,34 +56,41 @@ def _output_pixels_of(h, w, hw_ok, kh, kw, H_out, W_out, stride_h, stride_w, pad
 
 @triton.jit
 def _template_pixels_of(po, po_ok, kh, kw, H, W, W_out, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h,
-                        dil_w, CONTIGUOUS: tl.constexpr):
+                        dil_w, CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr):
     """Offsets (within a channel) of the template pixels that output pixels po read through tap (kh, kw)."""
     oh = po // W_out
     ow = po % W_out
     ih = oh * stride_h - pad_h + kh * dil_h
     iw = ow * stride_w - pad_w + kw * dil_w
-    ok = po_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    if NO_BOUNDS:
+        ok = po_ok
+    else:
+        ok = po_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    if CONTIGUOUS and NO_BOUNDS:
+        return po, ok, oh, ow
     if CONTIGUOUS:
         return po + (kh - pad_h) * W + (kw - pad_w), ok, oh, ow
     return ih * st_h + iw * st_w, ok, oh, ow
 
 
 @triton.jit
-def _grad_weight_sum(grad_rows, row_ok, template_base, template_ok, ci_offsets, ci_ok, px_start, px_end, kh, kw,
+def _grad_weight_sum(grad_rows, row_ok, template_base, template_ok, ci_offsets, ci_ok, px_start, px_end,
+                     out_pixels, kh, kw,
                      H, W, W_out, sg_h, sg_w, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                      TF32: tl.constexpr, UPCAST: tl.constexpr, WITH_BIAS: tl.constexpr, CONTIGUOUS: tl.constexpr,
-                     GRAD_CONTIGUOUS: tl.constexpr,
+                     GRAD_CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_PO: tl.constexpr, WIDE: tl.constexpr):
     """sum over output pixels [px_start, px_end) of grad_out[rows, px] * template[channels, px through the tap],
     in chunks of BLOCK_PO pixels, in order; and (WITH_BIAS) the row sums of grad_out over the same pixels."""
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_bias = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    for chunk_start in range(px_start, px_end, BLOCK_PO):
+    for chunk_start in range(px_start, tl.minimum(px_end, out_pixels), BLOCK_PO):
         po = arange_from(chunk_start, BLOCK_PO, WIDE)
         po = tl.max_contiguous(tl.multiple_of(po, BLOCK_PO), BLOCK_PO)
-        po_ok = po < px_end
+        po_ok = (po < out_pixels) & (po < px_end)  # (two tests whose alignment the compiler can see)
         pixel_offsets, pixel_ok, oh, ow = _template_pixels_of(po, po_ok, kh, kw, H, W, W_out, st_h, st_w, stride_h,
-                                                              stride_w, pad_h, pad_w, dil_h, dil_w, CONTIGUOUS)
+                                                              stride_w, pad_h, pad_w, dil_h, dil_w, CONTIGUOUS,
+                                                              NO_BOUNDS)
         if GRAD_CONTIGUOUS:
             g_pixels = po
         else:
@@ -113,12 +122,12 @@ def _store_grad_weight(gw_dest, gb_dest, acc, acc_bias, instance, channel, row_o
 @triton.jit
 def backward_gemm_kernel(
         grad_out, templates, weight, grad_templates, gw_dest, gb_dest, order, start, count,
-        P, G, C_in, C_out, R, Cg, H, W, H_out, W_out, num_c_chunks, num_px_tiles, row_splits, split_len, gt_len,
-        M_w, M_b, sg_n, sg_c, sg_h, sg_w, st_p, st_c, st_h, st_w, sw_n, sw_o, sw_c, sw_h, sw_w,
+        P, G, C_in, C_out, R, Cg, H, W, H_out, W_out, pixels_div, out_pixels_div, num_c_chunks, num_px_tiles,
+        row_splits, split_len_div, gt_len_div, M_w, M_b, sg_n, sg_c, sg_h, sg_w, st_p, st_c, st_h, st_w, sw_n, sw_o, sw_c, sw_h, sw_w,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         kH: tl.constexpr, kW: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
         IDENTITY: tl.constexpr, DO_GT: tl.constexpr, DO_GW: tl.constexpr, UNIT_STRIDE: tl.constexpr,
-        CONTIGUOUS: tl.constexpr, GRAD_CONTIGUOUS: tl.constexpr, ALIGN: tl.constexpr,
+        CONTIGUOUS: tl.constexpr, GRAD_CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr, ALIGN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_PI: tl.constexpr, BLOCK_PO: tl.constexpr):
     pid = tl.program_id(0)
     tile = pid % num_px_tiles  # a tile of template pixels (DO_GT) or a split of output pixels (DO_GW)
@@ -132,11 +141,15 @@ def backward_gemm_kernel(
     ci_ok = ci < Cg
     template_base = templates + tl.where(template_ok, p, 0) * st_p + group * Cg * st_c
     t_channel_offsets = tl.multiple_of(ci * st_c, ALIGN)
-    HW = H * W
+    # Pixel counts with the alignment the host proved (H * W, H_out * W_out, the split and tile lengths).
+    HW = pixels_div * ALIGN
+    out_pixels = out_pixels_div * ALIGN
+    split_len = split_len_div * ALIGN
+    gt_len = gt_len_div * ALIGN
 
     if DO_GW:
         px_start = tile * split_len
-        px_end = tl.minimum(px_start + split_len, H_out * W_out)
+        px_end = px_start + split_len
         for row_tile in range(split, num_row_tiles, row_splits):
             row_ok, instance, channel = _row_block(row_tile, num_rows, first, order, R, group, BLOCK_M, IDENTITY,
                                                    WIDE)
@@ -147,26 +160,26 @@ def backward_gemm_kernel(
                 if (c_chunk == 0) & (tap == 0):
                     acc, acc_bias = _grad_weight_sum(
                         grad_rows, row_ok, template_base, template_ok, t_channel_offsets, ci_ok, px_start, px_end,
-                        kh, kw, H, W, W_out, sg_h, sg_w, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                        TF32, UPCAST, True, CONTIGUOUS, GRAD_CONTIGUOUS, BLOCK_M, BLOCK_C, BLOCK_PO, WIDE)
+                        out_pixels, kh, kw, H, W, W_out, sg_h, sg_w, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                        TF32, UPCAST, True, CONTIGUOUS, GRAD_CONTIGUOUS, NO_BOUNDS, BLOCK_M, BLOCK_C, BLOCK_PO, WIDE)
                     _store_grad_weight(gw_dest, gb_dest, acc, acc_bias, instance, channel, row_ok, ci, ci_ok, tap,
                                        template_ok, C_out, Cg, tile, M_w, M_b, True, kH, kW)
                 else:
                     acc, acc_bias = _grad_weight_sum(
                         grad_rows, row_ok, template_base, template_ok, t_channel_offsets, ci_ok, px_start, px_end,
-                        kh, kw, H, W, W_out, sg_h, sg_w, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                        TF32, UPCAST, False, CONTIGUOUS, GRAD_CONTIGUOUS, BLOCK_M, BLOCK_C, BLOCK_PO, WIDE)
+                        out_pixels, kh, kw, H, W, W_out, sg_h, sg_w, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                        TF32, UPCAST, False, CONTIGUOUS, GRAD_CONTIGUOUS, NO_BOUNDS, BLOCK_M, BLOCK_C, BLOCK_PO, WIDE)
                     _store_grad_weight(gw_dest, gb_dest, acc, acc_bias, instance, channel, row_ok, ci, ci_ok, tap,
                                        template_ok, C_out, Cg, tile, M_w, M_b, False, kH, kW)
 
     if DO_GT:
         if not IDENTITY:
             num_row_tiles = tl.where(template_ok, num_row_tiles, 0)  # the sentinel template has no gradient
-        hw_end = tl.minimum((tile + 1) * gt_len, HW)
-        for hw_start in range(tile * gt_len, hw_end, BLOCK_PI):
+        hw_end = (tile + 1) * gt_len
+        for hw_start in range(tile * gt_len, tl.minimum(hw_end, HW), BLOCK_PI):
             hw = arange_from(hw_start, BLOCK_PI, WIDE)
             hw = tl.max_contiguous(tl.multiple_of(hw, BLOCK_PI), BLOCK_PI)
-            hw_ok = hw < hw_end
+            hw_ok = (hw < HW) & (hw < hw_end)
             h = hw // W
             w = hw % W
             acc_t = tl.zeros((BLOCK_PI, BLOCK_C), dtype=tl.float32)
@@ -179,8 +192,10 @@ def backward_gemm_kernel(
                 row_ok, instance, channel = _row_block(row_tile, num_rows, first, order, R, group, BLOCK_M,
                                                        IDENTITY, WIDE)
                 oh, ow, pixel_ok = _output_pixels_of(h, w, hw_ok, kh, kw, H_out, W_out, stride_h, stride_w, pad_h,
-                                                     pad_w, dil_h, dil_w, UNIT_STRIDE)
-                if GRAD_CONTIGUOUS and CONTIGUOUS:  # the tap shifts the flat pixel index of grad_out too
+                                                     pad_w, dil_h, dil_w, UNIT_STRIDE, NO_BOUNDS)
+                if GRAD_CONTIGUOUS and CONTIGUOUS and NO_BOUNDS:
+                    g_pixels = hw
+                elif GRAD_CONTIGUOUS and CONTIGUOUS:  # the tap shifts the flat pixel index of grad_out too
                     g_pixels = hw + (pad_h - kh) * W_out + (pad_w - kw)
                 else:
                     g_pixels = oh * sg_h + ow * sg_w
@@ -219,12 +234,12 @@ def sum_partials_kernel(partial_w, out_w, M_w, partial_b, out_b, M_b, S, num_w_b
 @triton.jit
 def backward_direct_kernel(
         grad_out, templates, weight, grad_templates, gw_dest, gb_dest, order, start, count,
-        P, G, C_in, C_out, R, Cg, H, W, H_out, W_out, num_group_tiles, num_px_tiles, num_out_tiles, num_in_tiles,
-        M_w, M_b,
+        P, G, C_in, C_out, R, Cg, H, W, H_out, W_out, pixels_div, out_pixels_div, num_group_tiles, num_px_tiles,
+        num_out_tiles, num_in_tiles, M_w, M_b,
         sg_n, sg_c, sg_h, sg_w, st_p, st_c, st_h, st_w, sw_n, sw_o, sw_c, sw_h, sw_w,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         kH: tl.constexpr, kW: tl.constexpr, WIDE: tl.constexpr, IDENTITY: tl.constexpr,
-        UNIT_STRIDE: tl.constexpr, CONTIGUOUS: tl.constexpr, ALIGN: tl.constexpr,
+        UNIT_STRIDE: tl.constexpr, CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr, ALIGN: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PI: tl.constexpr, BLOCK_PO: tl.constexpr):
     """Depthwise / small groups, for one (template, tile of BLOCK_G groups, pixel tile): grad_weight and grad_bias
     over the tile's output pixels (a split: float32 partials when there are several), grad_templates over its
@@ -244,7 +259,7 @@ def backward_direct_kernel(
     if tile < num_out_tiles:
         po = arange_from(tile * BLOCK_PO, BLOCK_PO, WIDE)
         po = tl.max_contiguous(tl.multiple_of(po, BLOCK_PO), BLOCK_PO)
-        po_ok = po < H_out * W_out
+        po_ok = po < out_pixels_div * ALIGN
         oh = po // W_out
         ow = po % W_out
         for instance_start in range(0, n_instances, BLOCK_I):
@@ -264,7 +279,7 @@ def backward_direct_kernel(
                     kw = tap % kW
                     pixel_offsets, pixel_ok, _, _ = _template_pixels_of(
                         po, po_ok, kh, kw, H, W, W_out, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                        CONTIGUOUS)
+                        CONTIGUOUS, NO_BOUNDS)
                     t = tl.load(template_base + tl.multiple_of((groups * Cg + ci) * st_c, ALIGN)[:, None]
                                 + pixel_offsets[None, :], mask=group_ok[:, None] & (pixel_ok & template_ok)[None, :],
                                 other=0.0).to(tl.float32)
@@ -276,7 +291,7 @@ def backward_direct_kernel(
     if (tile < num_in_tiles) & template_ok:
         hw = arange_from(tile * BLOCK_PI, BLOCK_PI, WIDE)
         hw = tl.max_contiguous(tl.multiple_of(hw, BLOCK_PI), BLOCK_PI)
-        hw_ok = hw < H * W
+        hw_ok = hw < pixels_div * ALIGN
         h = hw // W
         w = hw % W
         for ci in range(0, Cg):
@@ -293,13 +308,13 @@ def backward_direct_kernel(
                     channel = groups * R + r
                     rows = instance[:, None] * sw_n + (channel * sw_o)[None, :]
                     oh, ow, pixel_ok = _output_pixels_of(h, w, hw_ok, kh, kw, H_out, W_out, stride_h, stride_w,
-                                                         pad_h, pad_w, dil_h, dil_w, UNIT_STRIDE)
+                                                         pad_h, pad_w, dil_h, dil_w, UNIT_STRIDE, NO_BOUNDS)
                     wv = tl.load(weight + rows + (ci * sw_c + kh * sw_h + kw * sw_w), mask=row_ok,
                                  other=0.0).to(tl.float32)
                     g = tl.load(grad_out + (instance[:, None] * sg_n + (channel * sg_c)[None, :])[:, :, None]
                                 + (oh * sg_h + ow * sg_w)[None, None, :],
                                 mask=row_ok[:, :, None] & pixel_ok[None, None, :], other=0.0).to(tl.float32)
                     acc += tl.sum(wv[:, :, None] * g, axis=0)
-            offsets = tl.multiple_of((p * C_in + groups * Cg + ci) * (H * W), ALIGN)[:, None] + hw[None, :]
+            offsets = tl.multiple_of((p * C_in + groups * Cg + ci) * (pixels_div * ALIGN), ALIGN)[:, None] + hw[None, :]
             tl.store(grad_templates + offsets, acc.to(grad_templates.dtype.element_ty),
                      mask=group_ok[:, None] & hw_ok[None, :])

@@ -12,69 +12,80 @@ three int32 tensors that this module builds on the device (no host sync, so CUDA
 The grids are sized from shapes alone (templates x groups x pixel tiles x splits), so no tile table is needed:
 a program reads its template's count and loops over that template's row tiles. Without an index nothing is
 built: instance p uses template p, and the kernels know it from a constexpr.
+
+One launch, many programs: program t owns a few templates and scans all index values (they stay in L2). A
+single-program bitonic sort was the first design; compiled for sm_90 it is ~13,700 instructions per thread
+for 4096 instances (8 warps on 4 schedulers: ~14 us), longer than the forward kernel it feeds.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# One program sorts everything in registers: up to 8192 instances compile for sm_90 without spills (16 warps).
-# Larger batches use torch's sort (see sort_by_template_with_torch). On a GPU, sorting fewer than 1024 costs
-# about as much, and one size for small batches keeps torch.compile from recompiling as the instance count
-# changes; the interpreter runs the sort one bitonic stage at a time in Python, so it sorts no more than needed.
-MAX_KERNEL_INSTANCES = 8192
-MIN_SORT_BLOCK = 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1024
+# Bucketing reads every index value once per program, so its work grows as N x P: beyond this many (index value,
+# template) pairs torch's sort does it instead (it costs several launches, but its work grows as N log N).
+MAX_KERNEL_PAIRS = 1 << 26
+# [templates, index values] compared per step: 32 int32 per thread at 4 warps.
+TILE = 4096
 
 
 @triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
+def _keys(index, i, N, P):
+    """Template of instances i; P (the sentinel) where the index is out of range, -1 past the end."""
+    ok = i < N
+    key = tl.load(index + i, mask=ok, other=0)
+    key = tl.where((key >= 0) & (key < P), key, P).to(tl.int32)
+    return tl.where(ok, key, -1)
 
 
 @triton.jit
-def bucket_kernel(index, order, start, count, N, P, NB: tl.constexpr, BLOCK_P: tl.constexpr):
-    """One program: order, start and count (see the module docstring) for N <= NB instances."""
-    i = tl.arange(0, NB)
-    valid = i < N
-    key = tl.load(index + i, mask=valid, other=0).to(tl.int64)
-    key = tl.where((key >= 0) & (key < P), key, P)  # out of range: the sentinel template P
-    key = tl.where(valid, key, P + 1)  # the padding sorts after everything
-    # Sorting (template, instance) pairs packed into one integer makes the sort stable.
-    packed = tl.sort(key * NB + i)
-    sorted_key = packed // NB
-    tl.store(order + i, (packed % NB).to(tl.int32), mask=valid)
-    previous_key = tl.gather(sorted_key, tl.maximum(i - 1, 0), 0)
-    next_key = tl.gather(sorted_key, tl.minimum(i + 1, NB - 1), 0)
-    first_of_template = (i == 0) | (previous_key != sorted_key)
-    last_of_template = (i == NB - 1) | (next_key != sorted_key)
-    first_position = tl.associative_scan(tl.where(first_of_template, i, 0), 0, _maximum)
+def bucket_kernel(index, order, start, count, N, P, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
+    """Program t builds the buckets of templates [t * BLOCK_T, (t + 1) * BLOCK_T) (template P is the sentinel).
 
-    for p_start in range(0, P + 1, BLOCK_P):
-        p = p_start + tl.arange(0, BLOCK_P)
-        tl.store(start + p, tl.zeros((BLOCK_P,), tl.int32), mask=p <= P)
-        tl.store(count + p, tl.zeros((BLOCK_P,), tl.int32), mask=p <= P)
-    tl.debug_barrier()  # the zeros above land before the stores below (one program: a block-wide barrier)
-    used = sorted_key <= P
-    tl.store(start + sorted_key, i.to(tl.int32), mask=first_of_template & used)
-    tl.store(count + sorted_key, (i - first_position + 1).to(tl.int32), mask=last_of_template & used)
+    Two passes over the index values, in instance order: the first counts the program's templates and the
+    instances of every smaller template (where the program's buckets start); the second gives each instance of
+    the program's templates its rank among its template's instances (a running count: the sort is stable) and
+    writes it to order[start + rank]. Every sum is an integer sum, exact in any order."""
+    first_template = tl.program_id(0) * BLOCK_T
+    templates = first_template + tl.arange(0, BLOCK_T)
+    i_range = tl.arange(0, CHUNK)
+    counts = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    before = tl.zeros((CHUNK,), dtype=tl.int32)
+    for chunk_start in range(0, N, CHUNK):
+        key = _keys(index, chunk_start + i_range, N, P)
+        counts += tl.sum((key[None, :] == templates[:, None]).to(tl.int32), axis=1)
+        before += ((key >= 0) & (key < first_template)).to(tl.int32)
+    starts = tl.sum(before, axis=0) + tl.cumsum(counts, 0) - counts
+    ok = templates <= P
+    tl.store(start + templates, tl.where(counts > 0, starts, 0), mask=ok)
+    tl.store(count + templates, counts, mask=ok)
+
+    seen = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    for chunk_start in range(0, N, CHUNK):
+        i = chunk_start + i_range
+        hit = (_keys(index, i, N, P)[None, :] == templates[:, None]).to(tl.int32)  # [BLOCK_T, CHUNK]
+        rank = tl.cumsum(hit, 1) - hit + seen[:, None]
+        position = tl.sum(hit * (starts[:, None] + rank), axis=0)  # the one template an instance hits, if any
+        tl.store(order + position, i, mask=tl.sum(hit, axis=0) > 0)
+        seen += tl.sum(hit, axis=1)
 
 
-def sort_block(N: int) -> int:
-    """NB, the sort size for N instances (a power of 2, at least MIN_SORT_BLOCK)."""
-    return max(MIN_SORT_BLOCK, triton.next_power_of_2(max(N, 1)))
+def templates_per_program(P: int) -> int:
+    """BLOCK_T: one template per program up to 2048 programs (they all fit on the GPU at once and hide each
+    other's load latency; each compares a whole CHUNK of index values at once), more beyond, at most 16."""
+    return max(1, min(16, triton.next_power_of_2(triton.cdiv(P + 1, 2048))))
 
 
-def bucket_warps(NB: int) -> int:
-    return 4 if NB <= 1024 else 8 if NB <= 4096 else 16
+def chunk(block_t: int) -> int:
+    """CHUNK: index values per step, so that a step compares TILE (template, index value) pairs."""
+    return TILE // block_t
 
 
 def sort_by_template_with_torch(index: torch.Tensor, P: int):
-    """The same three tensors from torch ops (stable sort, bincount-free counting): for batches too large for
-    one program, and the reference the kernel is tested against."""
+    """The same three tensors from torch ops (a stable sort): for N x P beyond MAX_KERNEL_PAIRS, and the
+    reference the kernel is tested against."""
     keys = index.long()
     keys = torch.where((keys >= 0) & (keys < P), keys, P)
     sorted_keys, order = torch.sort(keys, stable=True)

@@ -26,25 +26,25 @@ from .common import (arange_from, dot, instance_block, instances_of_rows, progra
 
 
 @triton.jit
-def _pixel_coordinates(px_tile, H_out, W_out, stride_h, stride_w, pad_h, pad_w,
-                       BLOCK: tl.constexpr, ALIGN: tl.constexpr, WIDE: tl.constexpr):
+def _pixel_coordinates(px_tile, out_pixels, W_out, stride_h, stride_w, pad_h, pad_w,
+                       BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Flat output pixels of a tile, whether they exist, and the template row/column that tap (0, 0) reads."""
     px = arange_from(px_tile * BLOCK, BLOCK, WIDE)
     px = tl.max_contiguous(tl.multiple_of(px, BLOCK), BLOCK)
     oh = px // W_out
     ow = px % W_out
-    return px, px < H_out * W_out, oh * stride_h - pad_h, ow * stride_w - pad_w
+    return px, px < out_pixels, oh * stride_h - pad_h, ow * stride_w - pad_w
 
 
 @triton.jit
 def forward_gemm_kernel(
         templates, weight, bias, out, order, start, count,
-        P, G, C_out, R, Cg, H, W, H_out, W_out, num_px_tiles, row_splits,
+        P, G, C_out, R, Cg, H, W, H_out, W_out, out_pixels_div, num_px_tiles, row_splits,
         st_p, st_c, st_h, st_w, sw_n, sw_o, sw_c, sw_h, sw_w, sb_n, sb_o,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         kH: tl.constexpr, kW: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
-        WIDE: tl.constexpr, IDENTITY: tl.constexpr, CONTIGUOUS: tl.constexpr, ALIGN: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        WIDE: tl.constexpr, IDENTITY: tl.constexpr, CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr,
+        ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     px_tile = pid % num_px_tiles
     rest = pid // num_px_tiles
@@ -52,8 +52,9 @@ def forward_gemm_kernel(
     group, p, first, _, template_ok, num_rows, num_row_tiles = template_of_program(
         rest // row_splits, G, start, count, P, R, BLOCK_M, IDENTITY, WIDE)
 
-    px, px_ok, ih0, iw0 = _pixel_coordinates(px_tile, H_out, W_out, stride_h, stride_w, pad_h, pad_w, BLOCK_N,
-                                             ALIGN, WIDE)
+    out_pixels = out_pixels_div * ALIGN  # H_out * W_out, with the alignment the host proved
+    px, px_ok, ih0, iw0 = _pixel_coordinates(px_tile, out_pixels, W_out, stride_h, stride_w, pad_h, pad_w, BLOCK_N,
+                                             WIDE)
     template_base = templates + tl.where(template_ok, p, 0) * st_p + group * Cg * st_c
     c_range = tl.arange(0, BLOCK_C)
     num_c_chunks = tl.cdiv(Cg, BLOCK_C)
@@ -76,8 +77,13 @@ def forward_gemm_kernel(
             kw = tap % kW
             ih = ih0 + kh * dil_h
             iw = iw0 + kw * dil_w
-            pixel_ok = px_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & template_ok
-            if CONTIGUOUS:  # unit stride and dilation, pixels contiguous: the tap shifts the flat index
+            if NO_BOUNDS:  # a 1x1 kernel without padding reads inside the template
+                pixel_ok = px_ok & template_ok
+            else:
+                pixel_ok = px_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & template_ok
+            if CONTIGUOUS and NO_BOUNDS:  # 1x1, unit stride, contiguous pixels: the flat index itself
+                pixel_offsets = px
+            elif CONTIGUOUS:  # unit stride and dilation, pixels contiguous: the tap shifts the flat index
                 pixel_offsets = px + (kh - pad_h) * W + (kw - pad_w)
             else:
                 pixel_offsets = ih * st_h + iw * st_w
@@ -91,7 +97,7 @@ def forward_gemm_kernel(
             acc += tl.load(bias + instance * sb_n + channel * sb_o, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         # Instances whose index is out of range get NaN instead of another template's data.
         acc = tl.where(template_ok, acc, float("nan"))
-        out_rows = tl.multiple_of((instance * C_out + channel) * (H_out * W_out), ALIGN)
+        out_rows = tl.multiple_of((instance * C_out + channel) * out_pixels, ALIGN)
         tl.store(out + out_rows[:, None] + px[None, :], acc.to(out.dtype.element_ty),
                  mask=row_ok[:, None] & px_ok[None, :])
 
@@ -99,11 +105,11 @@ def forward_gemm_kernel(
 @triton.jit
 def forward_direct_kernel(
         templates, weight, bias, out, order, start, count,
-        P, G, C_out, R, Cg, H, W, H_out, W_out, num_px_tiles, num_group_tiles, instance_splits,
+        P, G, C_out, R, Cg, H, W, H_out, W_out, out_pixels_div, num_px_tiles, num_group_tiles, instance_splits,
         st_p, st_c, st_h, st_w, sw_n, sw_o, sw_c, sw_h, sw_w, sb_n, sb_o,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         kH: tl.constexpr, kW: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, IDENTITY: tl.constexpr,
-        CONTIGUOUS: tl.constexpr, ALIGN: tl.constexpr,
+        CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr, ALIGN: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[n, g*R + r, px] = sum over ci < Cg and taps of weight[n, g*R + r, ci, tap] * template[g*Cg + ci, px + tap]
     for BLOCK_I instances x BLOCK_G groups x BLOCK_N pixels at a time; each template tile is loaded once per tap
@@ -118,8 +124,9 @@ def forward_direct_kernel(
     first, n_instances = template_instances(p, start, count, IDENTITY, WIDE)
     template_ok = p < P
 
-    px, px_ok, ih0, iw0 = _pixel_coordinates(px_tile, H_out, W_out, stride_h, stride_w, pad_h, pad_w, BLOCK_N,
-                                             ALIGN, WIDE)
+    out_pixels = out_pixels_div * ALIGN  # H_out * W_out, with the alignment the host proved
+    px, px_ok, ih0, iw0 = _pixel_coordinates(px_tile, out_pixels, W_out, stride_h, stride_w, pad_h, pad_w, BLOCK_N,
+                                             WIDE)
     groups = arange_from(group_tile * BLOCK_G, BLOCK_G, WIDE)
     group_ok = groups < G
     template_base = templates + tl.where(template_ok, p, 0) * st_p
@@ -140,8 +147,13 @@ def forward_direct_kernel(
                 kw = tap % kW
                 ih = ih0 + kh * dil_h
                 iw = iw0 + kw * dil_w
-                pixel_ok = px_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & template_ok
-                if CONTIGUOUS:
+                if NO_BOUNDS:
+                    pixel_ok = px_ok & template_ok
+                else:
+                    pixel_ok = px_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & template_ok
+                if CONTIGUOUS and NO_BOUNDS:
+                    pixel_offsets = px
+                elif CONTIGUOUS:
                     pixel_offsets = px + (kh - pad_h) * W + (kw - pad_w)
                 else:
                     pixel_offsets = ih * st_h + iw * st_w
@@ -153,7 +165,7 @@ def forward_direct_kernel(
                 b = tl.load(bias + instance[:, None] * sb_n + (channel * sb_o)[None, :], mask=wmask, other=0.0)
                 acc += b.to(tl.float32)[:, :, None]
             acc = tl.where(template_ok, acc, float("nan"))
-            out_rows = (tl.multiple_of(instance * C_out * (H_out * W_out), ALIGN)[:, None]
-                        + tl.multiple_of(channel * (H_out * W_out), ALIGN)[None, :])
+            out_rows = (tl.multiple_of(instance * C_out * out_pixels, ALIGN)[:, None]
+                        + tl.multiple_of(channel * out_pixels, ALIGN)[None, :])
             tl.store(out + out_rows[:, :, None] + px[None, None, :], acc.to(out.dtype.element_ty),
                      mask=wmask[:, :, None] & px_ok[None, None, :])

@@ -22,14 +22,13 @@ from torch.library import triton_op, wrap_triton
 from .. import _registration
 from . import plan, tuning
 from .backward import backward_direct_kernel, backward_gemm_kernel, sum_partials_kernel
-from .bucketing import (MAX_KERNEL_INSTANCES, bucket_kernel, bucket_warps, sort_block,
-                        sort_by_template_with_torch)
+from .bucketing import MAX_KERNEL_PAIRS, bucket_kernel, chunk, sort_by_template_with_torch, templates_per_program
 from .forward import forward_direct_kernel, forward_gemm_kernel
 
 INTERPRET = tuning.INTERPRET
 FORWARD_OP = "pointins_ops::instance_aware_conv_triton"
 BACKWARD_OP = "pointins_ops::instance_aware_conv_triton_backward"
-# Tests set this to build the buckets with torch's sort, the path of batches over MAX_KERNEL_INSTANCES.
+# Tests set this to build the buckets with torch's sort, the path of batches beyond MAX_KERNEL_PAIRS.
 FORCE_TORCH_BUCKETING = False
 
 
@@ -59,15 +58,14 @@ def _buckets(index: Optional[torch.Tensor], geom: plan.Geometry, device: torch.d
         placeholder = torch.empty(1, dtype=torch.int32, device=device)
         return placeholder, placeholder, placeholder
     N, P = geom.N, geom.P
-    block = sort_block(plan.size_hint(N))
-    # (a guard under torch.compile: a graph traced for up to `block` instances is not reused for more)
-    if FORCE_TORCH_BUCKETING or block > MAX_KERNEL_INSTANCES or not N <= block:
+    if FORCE_TORCH_BUCKETING or geom.hint("N") * (geom.hint("P") + 1) > MAX_KERNEL_PAIRS:
         return sort_by_template_with_torch(index, P)
     order = torch.empty(N, dtype=torch.int32, device=device)
     start = torch.empty(P + 1, dtype=torch.int32, device=device)
     count = torch.empty(P + 1, dtype=torch.int32, device=device)
-    wrap_triton(bucket_kernel)[(1,)](index, order, start, count, N, P, NB=block, BLOCK_P=1024,
-                                     num_warps=bucket_warps(block))
+    block_t = templates_per_program(geom.hint("P"))
+    wrap_triton(bucket_kernel)[(triton.cdiv(P + 1, block_t),)](index, order, start, count, N, P, BLOCK_T=block_t,
+                                                                 CHUNK=chunk(block_t), num_warps=4)
     return order, start, count
 
 
@@ -103,6 +101,13 @@ def _conv_arguments(geom: plan.Geometry) -> dict:
                 IDENTITY=geom.identity)
 
 
+def _pixel_counts(templates: torch.Tensor, geom: plan.Geometry) -> dict:
+    """ALIGN (what the kernels may promise about the alignment of channel and pixel-row offsets) and the pixel
+    counts divided by it (the kernels multiply back, so the compiler sees the alignment)."""
+    align = plan.alignment(plan.tensor_alignment(templates), geom.pixels, geom.out_pixels)
+    return dict(ALIGN=align, pixels_div=geom.pixels // align, out_pixels_div=geom.out_pixels // align)
+
+
 def _strides(prefix: str, tensor: torch.Tensor, names: str) -> dict:
     return {f"{prefix}_{name}": stride for name, stride in zip(names, tensor.stride())}
 
@@ -119,13 +124,15 @@ def _forward(templates, weight, bias, index, stride, padding, dilation, groups):
         count=count, **_conv_arguments(geom), **_strides("st", templates, "pchw"), **_strides("sw", weight, "nochw"),
         sb_n=bias.stride(0) if has_bias else 0, sb_o=bias.stride(1) if has_bias else 0, HAS_BIAS=has_bias,
         WIDE=plan.needs_64bit_offsets(templates, weight, bias, out),
-        CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]),
-        ALIGN=plan.alignment(plan.tensor_alignment(templates), geom.out_pixels))
+        CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]), NO_BOUNDS=plan.no_bounds(geom))
+    arguments.update(_pixel_counts(templates, geom))
     if plan.uses_direct_path(geom):
-        _launch("forward_direct", forward_direct_kernel, plan.forward_direct_launch(geom), arguments, geom, out)
+        _launch("forward_direct", forward_direct_kernel, plan.forward_direct_launch(geom, templates.dtype), arguments,
+                geom, out)
     else:
         arguments.update(_dot_options(templates))
-        _launch("forward_gemm", forward_gemm_kernel, plan.forward_gemm_launch(geom), arguments, geom, out)
+        launch = plan.forward_gemm_launch(geom, templates.dtype, arguments["TF32"])
+        _launch("forward_gemm", forward_gemm_kernel, launch, arguments, geom, out)
     return out
 
 
@@ -139,7 +146,10 @@ def _backward(grad_output, templates, weight, index, stride, padding, dilation, 
         return grad_templates.zero_(), grad_weight.zero_(), grad_bias.zero_()
     order, start, count = _buckets(index, geom, device)
     direct = plan.uses_direct_path(geom)
-    backward_plan = plan.backward_direct_plan(geom) if direct else plan.backward_gemm_plan(geom)
+    dot_options = _dot_options(templates)
+    align = _pixel_counts(templates, geom)["ALIGN"]
+    backward_plan = (plan.backward_direct_plan(geom, templates.dtype) if direct else
+                     plan.backward_gemm_plan(geom, templates.dtype, dot_options["TF32"], align))
     splits = backward_plan.splits
     weight_elements, bias_elements = grad_weight.numel(), grad_bias.numel()
     if isinstance(splits, torch.SymInt) or splits > 1:
@@ -154,12 +164,13 @@ def _backward(grad_output, templates, weight, index, stride, padding, dilation, 
         **_strides("st", templates, "pchw"), **_strides("sw", weight, "nochw"),
         WIDE=plan.needs_64bit_offsets(grad_output, templates, weight, grad_templates, gw_dest, gb_dest),
         UNIT_STRIDE=geom.stride == (1, 1), CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]),
-        ALIGN=plan.alignment(plan.tensor_alignment(templates), geom.pixels))
+        NO_BOUNDS=plan.no_bounds(geom))
+    arguments.update(_pixel_counts(templates, geom))
     if direct:
         for name, launch in backward_plan.launches:
             _launch("backward_direct", backward_direct_kernel, launch, arguments, geom, grad_output)
     else:
-        arguments.update(_dot_options(templates),
+        arguments.update(dot_options,
                          GRAD_CONTIGUOUS=plan.contiguous_taps(geom, grad_output.stride()[2:]))
         for name, launch in backward_plan.launches:
             _launch(f"backward_{name}", backward_gemm_kernel, launch, arguments, geom, grad_output)

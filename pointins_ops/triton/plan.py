@@ -126,7 +126,8 @@ def uses_direct_path(geom: Geometry) -> bool:
     return geom.G >= 4 and geom.hint("Cg") * geom.hint("R") <= 16
 
 
-def fused_backward(geom: Geometry) -> bool:
+def small_templates(geom: Geometry) -> bool:
+    """Templates whose pixels (and output pixels) fit one tile: one program per template covers them."""
     return geom.hint("pixels") <= MAX_FUSED_PIXELS and geom.hint("out_pixels") <= MAX_FUSED_PIXELS
 
 
@@ -139,13 +140,18 @@ def contiguous_taps(geom: Geometry, tensor_strides) -> bool:
 
 def alignment(*values) -> int:
     """The largest power of 2, at most 8 elements (16 bytes of float16), dividing every value: what the kernels
-    may promise with tl.multiple_of about channel and row offsets."""
+    may promise with tl.multiple_of about channel and row offsets. (Under torch.compile the tests of symbolic
+    sizes become guards: a graph is never reused for sizes the promise would not hold for.)"""
     align = 8
     for value in values:
-        value = size_hint(value)
-        while align > 1 and value % align:
+        while align > 1 and value % align != 0:
             align //= 2
     return align
+
+
+def no_bounds(geom: Geometry) -> bool:
+    """A 1x1 kernel without padding: every tap reads inside the template, no bounds tests needed."""
+    return (geom.kH, geom.kW) == (1, 1) and geom.padding == (0, 0)
 
 
 def tensor_alignment(*tensors) -> int:
@@ -191,17 +197,38 @@ class Launch:
     arguments: object = _no_arguments  # callable(config kwargs) -> more kernel arguments
 
 
-def _configs(tiles: list[dict], warps=(4, 8), stages=(2,)) -> list:
-    return [triton.Config(dict(tile), num_warps=w, num_stages=s) for tile in tiles for w in warps for s in stages]
+def accumulator_budget(dtype: torch.dtype, tf32: bool = False) -> int:
+    """float32 accumulator elements a program may hold: 64 registers per thread at 8 warps where the dot runs on
+    tensor cores; an eighth of that for IEEE float32 (4 warps, see _configs), whose dot is an FMA loop that also
+    keeps its operand tiles in registers (larger tiles spill on sm_90: tests/test_triton.py compiles them all)."""
+    return MAX_ACC if dtype != torch.float32 or tf32 else MAX_ACC // 8
 
 
-def block_rows(geom: Geometry, pixels_per_tile: int) -> int:
-    """Rows per block: about the rows a template holds, within the accumulator budget."""
-    return pow2_between(geom.average_rows(), MIN_DOT, max(MIN_DOT, min(128, MAX_ACC // pixels_per_tile)))
+def _configs(tiles: list[dict], accumulator, budget: int, warps=(4, 8), stages=(2,)) -> list:
+    """Candidates: each tile with 8 warps when its accumulator fits the budget, with 4 warps when it fits a quarter
+    of it (a 4-warp program holds the same operand tiles in half as many threads), each pipeline depth. IEEE
+    float32 (budget below MAX_ACC) runs 4 warps: at 8, ptxas caps its FMA-dot kernels near 128 registers and
+    they spill (seen for sm_90 with Triton 3.8)."""
+    if budget < MAX_ACC:
+        return [triton.Config(dict(tile), num_warps=4, num_stages=s) for tile in tiles for s in stages]
+    configs = []
+    for tile in tiles:
+        elements = accumulator(tile)
+        for w in warps:
+            if elements * 64 <= budget * w * w:
+                configs.extend(triton.Config(dict(tile), num_warps=w, num_stages=s) for s in stages)
+    return configs or [triton.Config(dict(tiles[0]), num_warps=max(warps), num_stages=stages[0])]
 
 
-def block_channels(geom: Geometry, high: int = 64) -> int:
-    return pow2_between(geom.Cg, MIN_DOT, high)
+def block_rows(geom: Geometry, columns: int, budget: int, high: int = 128) -> int:
+    """Rows per block: about the rows a template holds, within the accumulator budget at ``columns`` columns."""
+    return pow2_between(geom.average_rows(), MIN_DOT, max(MIN_DOT, min(high, budget // columns)))
+
+
+def block_channels(geom: Geometry, dtype: torch.dtype, tf32: bool = False) -> int:
+    """Input channels per reduction step: up to 64 (16 for IEEE float32, whose FMA dot holds its operand tiles
+    in registers)."""
+    return pow2_between(geom.Cg, MIN_DOT, MIN_DOT if dtype == torch.float32 and not tf32 else 64)
 
 
 def row_splits(geom: Geometry, rows_per_block: int, programs: int, high: int) -> int:
@@ -210,15 +237,16 @@ def row_splits(geom: Geometry, rows_per_block: int, programs: int, high: int) ->
     return max(1, min(row_tiles, high, math.ceil(TARGET_PROGRAMS / max(programs, 1))))
 
 
-def forward_gemm_launch(geom: Geometry) -> Launch:
+def forward_gemm_launch(geom: Geometry, dtype: torch.dtype, tf32: bool = False) -> Launch:
+    budget = accumulator_budget(dtype, tf32)
     out_pixels = geom.hint("out_pixels")
     if out_pixels <= MAX_FUSED_PIXELS:  # the whole template in one tile: read once, shared by every row block
         widths = [pow2_between(out_pixels, MIN_DOT, MAX_FUSED_PIXELS)]
     else:
         widths = [128, 64, 256]
-    block_m = block_rows(geom, widths[0])
-    widths = [w for w in widths if block_m * w <= MAX_ACC] or [MAX_ACC // block_m]
-    block_c = block_channels(geom)
+    block_m = block_rows(geom, widths[0], budget)
+    widths = [w for w in widths if block_m * w <= budget] or [budget // block_m]
+    block_c = block_channels(geom, dtype, tf32)
     templates = geom.hint("templates_in_grid") * geom.G
     splits = row_splits(geom, block_m, templates * triton.cdiv(out_pixels, widths[0]), high=16)
 
@@ -229,10 +257,12 @@ def forward_gemm_launch(geom: Geometry) -> Launch:
         return dict(num_px_tiles=triton.cdiv(geom.out_pixels, meta["BLOCK_N"]))
 
     constants = dict(BLOCK_M=block_m, BLOCK_C=block_c, row_splits=splits)
-    return Launch(constants, _configs([dict(BLOCK_N=w) for w in widths], stages=(3, 2)), grid, arguments)
+    candidates = _configs([dict(BLOCK_N=w) for w in widths], lambda tile: block_m * tile["BLOCK_N"], budget,
+                          stages=(3,))
+    return Launch(constants, candidates, grid, arguments)
 
 
-def forward_direct_launch(geom: Geometry) -> Launch:
+def forward_direct_launch(geom: Geometry, dtype: torch.dtype) -> Launch:
     out_pixels = geom.hint("out_pixels")
     block_n = pow2_between(out_pixels, 16, MAX_FUSED_PIXELS)
     block_i = pow2_between(geom.average_instances(), 1, 4)
@@ -248,7 +278,8 @@ def forward_direct_launch(geom: Geometry) -> Launch:
 
     constants = dict(BLOCK_I=block_i, BLOCK_G=block_g, BLOCK_N=block_n, num_px_tiles=px_tiles,
                      num_group_tiles=group_tiles, instance_splits=splits)
-    return Launch(constants, _configs([{}], warps=(4,), stages=(1,)), grid)
+    warps = 8 if block_i * block_g * block_n > MAX_ACC // 4 else 4
+    return Launch(constants, [triton.Config({}, num_warps=warps, num_stages=1)], grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,60 +288,87 @@ class BackwardPlan:
     splits: int         # grad_weight splits over output pixels (partials when > 1)
 
 
-def backward_gemm_plan(geom: Geometry) -> BackwardPlan:
-    block_c = block_channels(geom)
+# Output pixels per step of the grad_weight reduction (fixed: it is a summation chunk).
+GRAD_WEIGHT_PIXELS = 64
+
+
+def same_pixels(geom: Geometry) -> bool:
+    """Output pixel i and template pixel i are the same place (unit stride, 'same' padding): a split of the
+    output pixels is then also a tile of template pixels, and one program can do both gradients on it."""
+    return geom.stride == (1, 1) and geom.H_out == geom.H and geom.W_out == geom.W
+
+
+def _pixel_splits(geom: Geometry, programs_per_split: int) -> tuple:
+    """(splits, split length) of the output pixels for grad_weight: about TARGET_PROGRAMS programs, at least 4
+    steps of GRAD_WEIGHT_PIXELS per split, and at most MAX_PARTIAL_BYTES of float32 partial sums."""
+    out_pixels = geom.hint("out_pixels")
+    weight_elements = geom.hint("N") * geom.hint("C_out") * geom.hint("Cg") * geom.taps
+    most_splits = max(1, min(triton.cdiv(out_pixels, 4 * GRAD_WEIGHT_PIXELS),
+                             MAX_PARTIAL_BYTES // max(4 * weight_elements, 1)))
+    splits = max(1, min(most_splits, math.ceil(TARGET_PROGRAMS / max(programs_per_split, 1))))
+    split_len = triton.cdiv(triton.cdiv(out_pixels, splits), GRAD_WEIGHT_PIXELS) * GRAD_WEIGHT_PIXELS
+    return triton.cdiv(geom.out_pixels, split_len), split_len  # symbolic where the sizes are: all pixels covered
+
+
+def backward_gemm_plan(geom: Geometry, dtype: torch.dtype, tf32: bool, align: int) -> BackwardPlan:
+    """grad_weight: row blocks x channel chunks x splits of the output pixels, GRAD_WEIGHT_PIXELS per step, each
+    split summing its pixels in order (float32 partials when there are several); grad_templates: tiles of template
+    pixels (an autotuned width), the reduction over the template's rows in blocks of BLOCK_M.
+
+    Where output and template pixels coincide (same_pixels: every benchmark scenario) one launch does both on each
+    (template, group, channel chunk, split): grad_output is read from DRAM once, by one program, and the second
+    read (for grad_templates) finds it in L1/L2. Otherwise grad_templates and grad_weight are two launches."""
+    budget = accumulator_budget(dtype, tf32)
+    block_c = block_channels(geom, dtype, tf32)
     c_chunks = triton.cdiv(geom.Cg, block_c)
     templates = geom.hint("templates_in_grid") * geom.G * size_hint(c_chunks)
-    if fused_backward(geom):
-        block_pi = pow2_between(geom.pixels, MIN_DOT, MAX_FUSED_PIXELS)
-        block_po = pow2_between(geom.out_pixels, MIN_DOT, MAX_FUSED_PIXELS)
-        block_m = block_rows(geom, max(block_po, block_pi))
-        constants = dict(DO_GT=True, DO_GW=True, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_PI=block_pi,
-                         BLOCK_PO=block_po, num_c_chunks=c_chunks, num_px_tiles=1, row_splits=1,
-                         split_len=geom.out_pixels, gt_len=geom.pixels)
+    gt_tiles = [dict(BLOCK_PI=128), dict(BLOCK_PI=64)]
+
+    def gt_accumulator(tile):
+        return tile["BLOCK_PI"] * block_c
+
+    if same_pixels(geom):
+        # (IEEE float32's FMA dots keep their operand tiles in registers: fewer rows)
+        block_m = block_rows(geom, max(block_c, GRAD_WEIGHT_PIXELS), budget, high=64 if budget == MAX_ACC else 16)
+        splits, split_len = _pixel_splits(geom, templates)
+        constants = dict(DO_GT=True, DO_GW=True, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_PO=GRAD_WEIGHT_PIXELS,
+                         num_c_chunks=c_chunks, num_px_tiles=splits, row_splits=1, split_len_div=split_len // align,
+                         gt_len_div=split_len // align)
 
         def grid(meta):
-            return (geom.templates_in_grid * geom.G * c_chunks,)
+            return (geom.templates_in_grid * geom.G * c_chunks * splits,)
 
-        return BackwardPlan([("fused", Launch(constants, _configs([{}]), grid))], 1)
+        return BackwardPlan([("fused", Launch(constants, _configs(gt_tiles, gt_accumulator, budget), grid))], splits)
 
-    # grad_templates: tiles of template pixels; the reduction runs over the template's rows in blocks of 64.
+    # grad_templates: the reduction runs over the template's rows in blocks of up to 64.
     gt_block_m = pow2_between(geom.average_rows(), MIN_DOT, 64)
     gt_constants = dict(DO_GT=True, DO_GW=False, BLOCK_M=gt_block_m, BLOCK_C=block_c, BLOCK_PO=MIN_DOT,
-                        num_c_chunks=c_chunks, row_splits=1, split_len=0)
+                        num_c_chunks=c_chunks, row_splits=1, split_len_div=0)
 
     def gt_grid(meta):
         return (geom.P * geom.G * c_chunks * triton.cdiv(geom.pixels, meta["BLOCK_PI"]),)
 
     def gt_arguments(meta):
-        return dict(num_px_tiles=triton.cdiv(geom.pixels, meta["BLOCK_PI"]), gt_len=meta["BLOCK_PI"])
+        return dict(num_px_tiles=triton.cdiv(geom.pixels, meta["BLOCK_PI"]), gt_len_div=meta["BLOCK_PI"] // align)
 
-    grad_templates = Launch(gt_constants, _configs([dict(BLOCK_PI=128), dict(BLOCK_PI=64)]), gt_grid, gt_arguments)
+    grad_templates = Launch(gt_constants, _configs(gt_tiles, gt_accumulator, budget), gt_grid, gt_arguments)
 
-    # grad_weight: row blocks x channel chunks x splits of the output pixels, 64 pixels per step.
-    block_po = 64
-    block_m = pow2_between(geom.average_rows(), MIN_DOT, 128)
+    block_m = block_rows(geom, block_c, budget)
     rows_split = row_splits(geom, block_m, templates, high=8)
-    out_pixels = geom.hint("out_pixels")
-    weight_elements = geom.hint("N") * geom.hint("C_out") * geom.hint("Cg") * geom.taps
-    most_splits = max(1, min(triton.cdiv(out_pixels, 4 * block_po), MAX_PARTIAL_BYTES // max(4 * weight_elements, 1)))
-    splits = max(1, min(most_splits, math.ceil(TARGET_PROGRAMS / (templates * rows_split))))
-    split_len = triton.cdiv(triton.cdiv(out_pixels, splits), block_po) * block_po
-    splits = triton.cdiv(geom.out_pixels, split_len)  # symbolic where the sizes are: every pixel is covered
+    splits, split_len = _pixel_splits(geom, templates * rows_split)
     gw_constants = dict(DO_GT=False, DO_GW=True, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_PI=MIN_DOT,
-                        BLOCK_PO=block_po, num_c_chunks=c_chunks, num_px_tiles=splits, row_splits=rows_split,
-                        split_len=split_len, gt_len=0)
+                        BLOCK_PO=GRAD_WEIGHT_PIXELS, num_c_chunks=c_chunks, num_px_tiles=splits,
+                        row_splits=rows_split, split_len_div=split_len // align, gt_len_div=0)
 
     def gw_grid(meta):
         return (geom.templates_in_grid * geom.G * c_chunks * rows_split * splits,)
 
-    grad_weight = Launch(gw_constants, _configs([{}], stages=(3, 2)), gw_grid)
+    grad_weight = Launch(gw_constants, _configs([{}], lambda tile: block_m * block_c, budget, stages=(3,)), gw_grid)
     return BackwardPlan([("grad_templates", grad_templates), ("grad_weight", grad_weight)], splits)
 
 
-
-def backward_direct_plan(geom: Geometry) -> BackwardPlan:
-    fused = fused_backward(geom)
+def backward_direct_plan(geom: Geometry, dtype: torch.dtype) -> BackwardPlan:
+    fused = small_templates(geom)
     block_pi = pow2_between(geom.pixels, 16, MAX_FUSED_PIXELS) if fused else MAX_FUSED_PIXELS
     block_po = pow2_between(geom.out_pixels, 16, MAX_FUSED_PIXELS) if fused else MAX_FUSED_PIXELS
     block_i = pow2_between(geom.average_instances(), 1, 4)
@@ -326,7 +384,9 @@ def backward_direct_plan(geom: Geometry) -> BackwardPlan:
     def grid(meta):
         return (geom.templates_in_grid * group_tiles * px_tiles,)
 
-    return BackwardPlan([("direct", Launch(constants, _configs([{}], warps=(4,), stages=(1,)), grid))], out_tiles)
+    warps = 8 if block_i * block_g * block_po > MAX_ACC // 4 else 4
+    return BackwardPlan([("direct", Launch(constants, [triton.Config({}, num_warps=warps, num_stages=1)], grid))],
+                        out_tiles)
 
 
 PARTIAL_SUM_BLOCK = 1024
