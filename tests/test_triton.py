@@ -16,7 +16,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -33,6 +35,7 @@ from oracle import (  # noqa: E402
     check_out_of_range_index_is_masked, make_inputs, oracle_grads, random_cases)
 from pointins_ops import available_backends, instance_aware_conv  # noqa: E402
 from pointins_ops.triton import op as triton_op, plan, tuning  # noqa: E402
+from benchmarks.scenarios import SCENARIOS  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -197,12 +200,9 @@ def test_every_autotune_candidate_matches_and_gives_the_same_bits(dtype, monkeyp
     for name in ("small-templates", "large-templates", "strided", "1x1"):
         for kernel, count in _run_each_candidate(PATH_CASES[name], dtype, monkeypatch).items():
             seen[f"{name}/{kernel}"] = count
-    # Each launch kind was autotunable here (more than one candidate), so the loop above compared something (IEEE
-    # float32's grad_weight has one: 4 warps, see plan._configs).
-    autotuned = {"forward_gemm", "backward_fused", "backward_grad_templates"}
-    if dtype != torch.float32:
-        autotuned.add("backward_grad_weight")
-    assert {key.split("/")[1] for key, count in seen.items() if count > 1} >= autotuned, seen
+    # Each autotuned launch kind had more than one candidate here, so the loop above compared something.
+    assert {key.split("/")[1] for key, count in seen.items() if count > 1} >= {
+        "forward_gemm", "backward_fused", "backward_grad_templates"}, seen
 
 
 def test_config_choice_never_benchmarks_under_capture_or_tracing(monkeypatch):
@@ -388,46 +388,77 @@ def test_gpu_registration_traces_kernels_into_the_graph():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert result.returncode == 0, result.stderr[-3000:]
-    # One forward kernel, then grad_templates and grad_weight (with grad_bias).
-    assert "GRAPHS 1" in result.stdout and "KERNELS 3" in result.stdout and "OPAQUE 0" in result.stdout, (
+    # Forward: bucketing and the forward kernel; backward: bucketing and the fused backward kernel.
+    assert "GRAPHS 1" in result.stdout and "KERNELS 4" in result.stdout and "OPAQUE 0" in result.stdout, (
         result.stdout)
 
 
-def test_kernels_compile_for_gpu_targets():
-    # The interpreter runs the kernels' logic but not Triton's compiler; compile every kernel for Ampere and
-    # Hopper (no GPU needed) in each dtype, TF32 on and off, with 32- and 64-bit offsets.
-    script = textwrap.dedent("""
-        import os
-        os.environ.pop("TRITON_INTERPRET", None)
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from pointins_ops.triton import kernels
+def _without_interpreter() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
-        def compile_for(kernel, pointers, constexprs, capability):
-            signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
-                         for name in kernel.arg_names}
-            source = ASTSource(fn=kernel, signature=signature,
-                               constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-            triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4, num_stages=3))
 
-        schedule = dict(order="*i64", tile_template="*i64", tile_start="*i64", bounds="*i64")
-        variants = [("fp32", "ieee", False, 90), ("fp32", "tf32", True, 90), ("fp16", "ieee", False, 80),
-                    ("bf16", "ieee", True, 90), ("bf16", "ieee", False, 80)]
-        for dtype, precision, wide, capability in variants:
-            common = dict(kH=3, kW=2, TF32=precision == "tf32", UPCAST=False, WIDE=wide)
-            t = "*" + dtype
-            compile_for(kernels._forward_kernel, dict(templates=t, weight=t, bias=t, out=t, **schedule),
-                        dict(common, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), capability)
-            compile_for(kernels._grad_weight_kernel,
-                        dict(grad_out=t, templates=t, grad_weight=t, grad_bias=t, **schedule),
-                        dict(common, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), capability)
-            compile_for(kernels._grad_templates_kernel,
-                        dict(grad_out=t, weight=t, grad_templates=t, order="*i64", bounds="*i64"),
-                        dict(common, BLOCK_C=16, BLOCK_R=32, BLOCK_HW=64), capability)
-            print("compiled", dtype, precision, wide, capability)
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+COMPILE_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "pointins_ops", "triton", "compile.py")
+
+
+def _spills(report: dict) -> bool:
+    return bool(report["spill_store_bytes"] or report["spill_load_bytes"] or report["spill_stores"]
+                or report["spill_loads"])
+
+
+def test_no_autotune_candidate_spills_on_sm90():
+    # Every launch of every benchmark scenario (forward and backward), every autotuning candidate, in bfloat16,
+    # float16, float32 and float32 with TF32, compiled for sm_90a: ptxas reports no spill bytes and the SASS has
+    # no local-memory loads or stores. (Triton's cache makes a second run fast; a cold run takes a few minutes.)
+    result = subprocess.run([sys.executable, COMPILE_SCRIPT, "--jobs", "2", "--json"], capture_output=True, text=True,
+                            timeout=1500, env=_without_interpreter())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 5, result.stdout
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {r["scenario"] for r in reports} == set(SCENARIOS) and len(reports) > 100, len(reports)
+    assert not [r for r in reports if _spills(r)], [(r["scenario"], r["dtype"], r["config"]) for r in reports
+                                                    if _spills(r)]
+    # The reports are real: 16-bit GEMM kernels run on tensor cores, Hopper's wgmma (HGMMA) wherever a row block
+    # has 64 rows or more (the scenarios but pointins-infer, whose 16-row blocks use HMMA).
+    gemm = [r for r in reports if r["kernel"] in ("forward_gemm", "backward_fused") and r["dtype"] == "bfloat16"]
+    assert gemm and all(r["hgmma"] + r["hmma"] > 0 and 0 < r["registers"] <= 255 for r in gemm)
+    assert all(r["hgmma"] > 0 for r in gemm if r["scenario"] != "pointins-infer")
+
+
+def test_kernels_compile_for_gpu_targets():
+    # The code paths the scenarios do not take (two-launch backward for strided convolutions, direct kernels,
+    # no index), with 64-bit offsets and TF32, compiled for Ampere and Hopper without a GPU: every candidate.
+    script = textwrap.dedent("""
+        import json, sys
+        import torch
+        from pointins_ops.triton import plan
+        from pointins_ops.triton.compile import compile_launch, record
+        cases, variants = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+        for capability, dtype, wide in variants:
+            plan.FORCE_64BIT_OFFSETS = wide
+            for name, case in cases.items():
+                launches = record(**case, dtype=getattr(torch, dtype.split("+")[0]), tf32=dtype.endswith("+tf32"))
+                for mode, recorded in launches.items():
+                    for launch in recorded:
+                        report = compile_launch(launch, capability)
+                        report.update(case=name, dtype=dtype, wide=wide, mode=mode)
+                        print(json.dumps(report), flush=True)
+    """)
+    cases = {name: dict(templates_shape=(c.P, c.C_in, c.H, c.W),
+                        weight_shape=(c.N, c.C_out, c.C_in // c.groups, *c.kernel), bias=c.bias,
+                        index=c.index != "none", stride=c.stride, padding=c.padding, dilation=c.dilation,
+                        groups=c.groups)
+             for name, c in [("strided", dataclasses.replace(PATH_CASES["strided"], H=64, W=66)),  # split grad_weight
+                             ("depthwise", PATH_CASES["depthwise"]), ("1x1", PATH_CASES["1x1"])]}
+    variants = [(90, "bfloat16", True), (90, "float32+tf32", False), (90, "float32", True), (80, "float16", False)]
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(cases), json.dumps(variants)],
+                            capture_output=True, text=True, timeout=1500, env=_without_interpreter())
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    kernels = {r["kernel"] for r in reports}
+    assert {"forward_gemm", "forward_direct", "backward_grad_templates", "backward_grad_weight", "backward_direct",
+            "sum_partials_kernel", "bucket_kernel"} <= kernels, kernels
+    assert {(r["capability"], r["dtype"], r["wide"]) for r in reports} == {tuple(v) for v in variants}
+    # No spills on Hopper. (Ampere is compiled to show the kernels build for it; there, IEEE float32 with 64-bit
+    # offsets spills: ptxas gives two of those kernels 32 registers.)
+    hopper = [r for r in reports if r["capability"] == 90]
+    assert not [r for r in hopper if _spills(r)], [(r["case"], r["dtype"], r["config"]) for r in hopper
+                                                   if _spills(r)]

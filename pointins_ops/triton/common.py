@@ -39,7 +39,7 @@ def sum_columns(g, acc, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
 def program_index(value, WIDE: tl.constexpr):
     """A program-level index in 64 bits when offsets may pass 2^31 (everything computed from it follows)."""
     if WIDE:
-        return value.to(tl.int64)
+        value = value.to(tl.int64)
     return value
 
 
@@ -57,11 +57,14 @@ def template_instances(p, start, count, IDENTITY: tl.constexpr, WIDE: tl.constex
     """(first sorted position, instance count) of template p. Without an index (IDENTITY) instance p alone uses
     template p and no bucketing ran."""
     if IDENTITY:
-        return p, p * 0 + 1
-    first = tl.load(start + p)
-    n = tl.load(count + p)
-    if WIDE:
-        return first.to(tl.int64), n.to(tl.int64)
+        first = p
+        n = p * 0 + 1
+    else:
+        first = tl.load(start + p)
+        n = tl.load(count + p)
+        if WIDE:
+            first = first.to(tl.int64)
+            n = n.to(tl.int64)
     return first, n
 
 
@@ -69,10 +72,11 @@ def template_instances(p, start, count, IDENTITY: tl.constexpr, WIDE: tl.constex
 def instances_of_rows(rows, row_mask, first, order, R, IDENTITY: tl.constexpr, WIDE: tl.constexpr):
     """The instance of each row of a template's row block (row = position among its instances * R + channel)."""
     if IDENTITY:
-        return first + rows * 0
-    instance = tl.load(order + first + rows // R, mask=row_mask, other=0)
-    if WIDE:
-        return instance.to(tl.int64)
+        instance = first + rows * 0
+    else:
+        instance = tl.load(order + first + rows // R, mask=row_mask, other=0)
+        if WIDE:
+            instance = instance.to(tl.int64)
     return instance
 
 
@@ -95,8 +99,9 @@ def instance_block(first, slot_start, n_instances, order, BLOCK_I: tl.constexpr,
     slot = slot_start + tl.arange(0, BLOCK_I)
     slot_ok = slot < n_instances
     if IDENTITY:
-        return first + slot * 0, slot_ok
-    instance = tl.load(order + first + slot, mask=slot_ok, other=0)
-    if WIDE:
-        instance = instance.to(tl.int64)
+        instance = first + slot * 0
+    else:
+        instance = tl.load(order + first + slot, mask=slot_ok, other=0)
+        if WIDE:
+            instance = instance.to(tl.int64)
     return instance, slot_ok

@@ -238,39 +238,73 @@ def scenario_shapes():
                                   padding=(scenario.padding,) * 2, groups=scenario.groups)
 
 
+def compile_key(launch: Launch) -> tuple:
+    """What decides the compiled code: the kernel, its signature and constexprs, warps and stages."""
+    signature, constexprs, attrs = _signature(launch)
+    return (launch.kernel.fn.__qualname__ if hasattr(launch.kernel, "fn") else launch.name,
+            tuple(sorted(signature.items())), tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
+            tuple(sorted(attrs)), launch.num_warps, launch.num_stages)
+
+
+_WORK: list = []  # (launch, capability) to compile; forked workers read it by position (launches do not pickle)
+
+
+def _compile_one(position: int) -> dict:
+    launch, capability = _WORK[position]
+    return compile_launch(launch, capability)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capability", type=int, default=90)
-    parser.add_argument("--dtype", default="bfloat16,float32", help="comma-separated")
+    parser.add_argument("--dtype", default="bfloat16,float16,float32,float32+tf32",
+                        help="comma-separated; float32+tf32: float32 as run when torch allows TF32 for conv")
     parser.add_argument("--scenario", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--default-only", action="store_true", help="only each launch's default candidate")
-    parser.add_argument("--tf32", action="store_true", help="float32 launches as with TF32 allowed")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--json", action="store_true", help="one JSON object per compiled launch")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     names = set(args.scenario.split(",")) if args.scenario else None
-    seen = set()
+    # Record every launch (fast), then compile each distinct one once (launches repeat across scenarios and
+    # dtypes: the bucketing kernel, for one).
+    jobs, tagged = {}, []
     for scenario, shape in scenario_shapes():
         if names and scenario not in names:
             continue
         for dtype_name in args.dtype.split(","):
-            dtype = getattr(torch, dtype_name)
-            launches = record(**shape, dtype=dtype, all_candidates=not args.default_only, tf32=args.tf32)
-            for mode, recorded in launches.items():
-                for launch in recorded:
-                    report = compile_launch(launch, args.capability)
-                    report.update(scenario=scenario, dtype=dtype_name, mode=mode, triton=triton.__version__)
-                    key = (report["config"], dtype_name, report["registers"], report["spill_store_bytes"])
-                    if args.json:
-                        print(json.dumps(report), flush=True)
-                    elif key not in seen:
-                        print(f"{scenario:15s} {dtype_name:9s} {mode:9s} {report['config']:90s} regs "
-                              f"{report['registers']:3d}/{report['ptxas_registers']:3d} spilled "
-                              f"{report['spill_store_bytes']:4d} B STL {report['spill_stores']:3d} "
-                              f"smem {report['shared']:6d} HGMMA {report['hgmma']} HMMA {report['hmma']} cp.async "
-                              f"{report['cp_async']} vec ld/st {report['vector_loads']}/{report['vector_stores']}",
-                              flush=True)
-                    seen.add(key)
+            dtype = getattr(torch, dtype_name.split("+")[0])
+            recorded = record(**shape, dtype=dtype, all_candidates=not args.default_only,
+                              tf32=dtype_name.endswith("+tf32"))
+            for mode, launches in recorded.items():
+                for launch in launches:
+                    key = compile_key(launch)
+                    jobs.setdefault(key, launch)
+                    tagged.append((scenario, dtype_name, mode, key))
+    keys = list(jobs)
+    _WORK[:] = [(jobs[key], args.capability) for key in keys]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            compiled = dict(zip(keys, pool.map(_compile_one, range(len(keys)), chunksize=1)))
+    else:
+        compiled = dict(zip(keys, map(_compile_one, range(len(keys)))))
+    results = [[dict(compiled[key], scenario=scenario, dtype=dtype_name, mode=mode, triton=triton.__version__)]
+               for scenario, dtype_name, mode, key in tagged]
+    seen = set()
+    for reports in results:
+        for report in reports:
+            key = (report["config"], report["dtype"], report["registers"], report["spill_store_bytes"])
+            if args.json:
+                print(json.dumps(report), flush=True)
+            elif key not in seen:
+                print(f"{report['scenario']:15s} {report['dtype']:13s} {report['mode']:9s} {report['config']:90s} "
+                      f"regs {report['registers']:3d} spilled {report['spill_store_bytes']:4d} B STL "
+                      f"{report['spill_stores']:3d} smem {report['shared']:6d} HGMMA {report['hgmma']} HMMA "
+                      f"{report['hmma']} cp.async {report['cp_async']} vec ld/st "
+                      f"{report['vector_loads']}/{report['vector_stores']}", flush=True)
+            seen.add(key)
     return 0
 
 

@@ -126,13 +126,14 @@ def _forward(templates, weight, bias, index, stride, padding, dilation, groups):
         WIDE=plan.needs_64bit_offsets(templates, weight, bias, out),
         CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]), NO_BOUNDS=plan.no_bounds(geom))
     arguments.update(_pixel_counts(templates, geom))
+    del arguments["pixels_div"]  # (the forward kernels count output pixels only)
     if plan.uses_direct_path(geom):
-        _launch("forward_direct", forward_direct_kernel, plan.forward_direct_launch(geom, templates.dtype), arguments,
-                geom, out)
+        _launch("forward_direct", forward_direct_kernel, plan.forward_direct_launch(geom, arguments["WIDE"]),
+                arguments, geom, out)
     else:
         arguments.update(_dot_options(templates))
-        launch = plan.forward_gemm_launch(geom, templates.dtype, arguments["TF32"])
-        _launch("forward_gemm", forward_gemm_kernel, launch, arguments, geom, out)
+        operands = plan.Operands.of(templates.dtype, arguments["TF32"], arguments["WIDE"])
+        _launch("forward_gemm", forward_gemm_kernel, plan.forward_gemm_launch(geom, operands), arguments, geom, out)
     return out
 
 
@@ -148,13 +149,22 @@ def _backward(grad_output, templates, weight, index, stride, padding, dilation, 
     direct = plan.uses_direct_path(geom)
     dot_options = _dot_options(templates)
     align = _pixel_counts(templates, geom)["ALIGN"]
-    backward_plan = (plan.backward_direct_plan(geom, templates.dtype) if direct else
-                     plan.backward_gemm_plan(geom, templates.dtype, dot_options["TF32"], align))
+
+    def backward_plan_for(wide):
+        if direct:
+            return plan.backward_direct_plan(geom, wide)
+        return plan.backward_gemm_plan(geom, plan.Operands.of(templates.dtype, dot_options["TF32"], wide), align)
+
+    wide = plan.needs_64bit_offsets(grad_output, templates, weight, grad_templates)
+    backward_plan = backward_plan_for(wide)
     splits = backward_plan.splits
     weight_elements, bias_elements = grad_weight.numel(), grad_bias.numel()
-    if isinstance(splits, torch.SymInt) or splits > 1:
+    if splits > 1:  # (a guard under torch.compile: a graph is specialised on whether grad_weight splits)
         gw_dest = torch.empty((splits, weight_elements), dtype=torch.float32, device=device)
         gb_dest = torch.empty((splits, bias_elements), dtype=torch.float32, device=device)
+        if not wide and plan.needs_64bit_offsets(gw_dest):  # (the splits do not depend on the offsets' width)
+            wide = True
+            backward_plan = backward_plan_for(wide)
     else:
         gw_dest, gb_dest = grad_weight, grad_bias
     arguments = dict(
@@ -162,7 +172,7 @@ def _backward(grad_output, templates, weight, index, stride, padding, dilation, 
         gb_dest=gb_dest, order=order, start=start, count=count, C_in=geom.C_in, M_w=weight_elements,
         M_b=bias_elements, **_conv_arguments(geom), **_strides("sg", grad_output, "nchw"),
         **_strides("st", templates, "pchw"), **_strides("sw", weight, "nochw"),
-        WIDE=plan.needs_64bit_offsets(grad_output, templates, weight, grad_templates, gw_dest, gb_dest),
+        WIDE=wide,
         UNIT_STRIDE=geom.stride == (1, 1), CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]),
         NO_BOUNDS=plan.no_bounds(geom))
     arguments.update(_pixel_counts(templates, geom))

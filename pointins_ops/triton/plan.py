@@ -197,27 +197,52 @@ class Launch:
     arguments: object = _no_arguments  # callable(config kwargs) -> more kernel arguments
 
 
-def accumulator_budget(dtype: torch.dtype, tf32: bool = False) -> int:
-    """float32 accumulator elements a program may hold: 64 registers per thread at 8 warps where the dot runs on
-    tensor cores; an eighth of that for IEEE float32 (4 warps, see _configs), whose dot is an FMA loop that also
-    keeps its operand tiles in registers (larger tiles spill on sm_90: tests/test_triton.py compiles them all)."""
-    return MAX_ACC if dtype != torch.float32 or tf32 else MAX_ACC // 8
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """What a launch's dots multiply, which decides how large a tile fits in registers: "16-bit" (float16 and
+    bfloat16 on tensor cores), "tf32" (float32 on tensor cores, twice the operand bytes), "ieee" (float32 FMA
+    loops, which keep their operand tiles in registers); ``wide`` offsets take twice the index registers."""
+    kind: str
+    wide: bool = False
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, tf32: bool, wide: bool) -> "Operands":
+        return cls("16-bit" if dtype != torch.float32 else "tf32" if tf32 else "ieee", wide)
+
+    @property
+    def budget(self) -> int:
+        """float32 accumulator elements a program may hold: 64 registers per thread at 8 warps for 16-bit
+        operands, half for TF32, an eighth for IEEE float32, halved again for 64-bit offsets. Larger tiles spill
+        on sm_90 (tests/test_triton.py compiles every candidate)."""
+        base = {"16-bit": MAX_ACC, "tf32": MAX_ACC // 2, "ieee": MAX_ACC // 8}[self.kind]
+        return base // 2 if self.wide else base
+
+    def warps(self, accumulator: int) -> int:
+        """Chosen by rule, not tuned: tensor-core programs take 8 warps when their accumulator exceeds a quarter of
+        the budget, else 4 (an 8-warp program with a small accumulator spills: ptxas caps it at 80 registers with
+        Triton 3.6); IEEE float32 4 (at 8 warps ptxas caps its FMA-dot kernels near 128 registers and they spill).
+        Seen compiling for sm_90 with Triton 3.6 and 3.8."""
+        if self.kind == "ieee":
+            return 4
+        return 8 if accumulator * 4 > self.budget else 4
+
+    @property
+    def channels(self) -> int:
+        """Input channels per reduction step, at most."""
+        return MIN_DOT if self.kind == "ieee" else 64
+
+    @property
+    def fused_rows(self) -> int:
+        """Rows per block of the fused backward, whose grad_output tile is an operand of two dots."""
+        rows = {"16-bit": 64, "tf32": 32, "ieee": MIN_DOT}[self.kind]
+        return max(MIN_DOT, rows // 2 if self.wide else rows)
 
 
-def _configs(tiles: list[dict], accumulator, budget: int, warps=(4, 8), stages=(2,)) -> list:
-    """Candidates: each tile with 8 warps when its accumulator fits the budget, with 4 warps when it fits a quarter
-    of it (a 4-warp program holds the same operand tiles in half as many threads), each pipeline depth. IEEE
-    float32 (budget below MAX_ACC) runs 4 warps: at 8, ptxas caps its FMA-dot kernels near 128 registers and
-    they spill (seen for sm_90 with Triton 3.8)."""
-    if budget < MAX_ACC:
-        return [triton.Config(dict(tile), num_warps=4, num_stages=s) for tile in tiles for s in stages]
-    configs = []
-    for tile in tiles:
-        elements = accumulator(tile)
-        for w in warps:
-            if elements * 64 <= budget * w * w:
-                configs.extend(triton.Config(dict(tile), num_warps=w, num_stages=s) for s in stages)
-    return configs or [triton.Config(dict(tiles[0]), num_warps=max(warps), num_stages=stages[0])]
+def _configs(tiles: list[dict], accumulator, operands: Operands, stages=(2,)) -> list:
+    """Candidates: the tiles (widths of an output dimension; the only autotuned choice), each with the warps
+    Operands.warps gives its accumulator."""
+    return [triton.Config(dict(tile), num_warps=operands.warps(accumulator(tile)), num_stages=s)
+            for tile in tiles for s in stages]
 
 
 def block_rows(geom: Geometry, columns: int, budget: int, high: int = 128) -> int:
@@ -225,10 +250,8 @@ def block_rows(geom: Geometry, columns: int, budget: int, high: int = 128) -> in
     return pow2_between(geom.average_rows(), MIN_DOT, max(MIN_DOT, min(high, budget // columns)))
 
 
-def block_channels(geom: Geometry, dtype: torch.dtype, tf32: bool = False) -> int:
-    """Input channels per reduction step: up to 64 (16 for IEEE float32, whose FMA dot holds its operand tiles
-    in registers)."""
-    return pow2_between(geom.Cg, MIN_DOT, MIN_DOT if dtype == torch.float32 and not tf32 else 64)
+def block_channels(geom: Geometry, operands: Operands) -> int:
+    return pow2_between(geom.Cg, MIN_DOT, operands.channels)
 
 
 def row_splits(geom: Geometry, rows_per_block: int, programs: int, high: int) -> int:
@@ -237,16 +260,16 @@ def row_splits(geom: Geometry, rows_per_block: int, programs: int, high: int) ->
     return max(1, min(row_tiles, high, math.ceil(TARGET_PROGRAMS / max(programs, 1))))
 
 
-def forward_gemm_launch(geom: Geometry, dtype: torch.dtype, tf32: bool = False) -> Launch:
-    budget = accumulator_budget(dtype, tf32)
+def forward_gemm_launch(geom: Geometry, operands: Operands) -> Launch:
+    budget = operands.budget
     out_pixels = geom.hint("out_pixels")
     if out_pixels <= MAX_FUSED_PIXELS:  # the whole template in one tile: read once, shared by every row block
         widths = [pow2_between(out_pixels, MIN_DOT, MAX_FUSED_PIXELS)]
     else:
-        widths = [128, 64, 256]
+        widths = [128, 64]
     block_m = block_rows(geom, widths[0], budget)
     widths = [w for w in widths if block_m * w <= budget] or [budget // block_m]
-    block_c = block_channels(geom, dtype, tf32)
+    block_c = block_channels(geom, operands)
     templates = geom.hint("templates_in_grid") * geom.G
     splits = row_splits(geom, block_m, templates * triton.cdiv(out_pixels, widths[0]), high=16)
 
@@ -257,16 +280,18 @@ def forward_gemm_launch(geom: Geometry, dtype: torch.dtype, tf32: bool = False) 
         return dict(num_px_tiles=triton.cdiv(geom.out_pixels, meta["BLOCK_N"]))
 
     constants = dict(BLOCK_M=block_m, BLOCK_C=block_c, row_splits=splits)
-    candidates = _configs([dict(BLOCK_N=w) for w in widths], lambda tile: block_m * tile["BLOCK_N"], budget,
+    candidates = _configs([dict(BLOCK_N=w) for w in widths], lambda tile: block_m * tile["BLOCK_N"], operands,
                           stages=(3,))
     return Launch(constants, candidates, grid, arguments)
 
 
-def forward_direct_launch(geom: Geometry, dtype: torch.dtype) -> Launch:
+def forward_direct_launch(geom: Geometry, wide: bool = False) -> Launch:
     out_pixels = geom.hint("out_pixels")
     block_n = pow2_between(out_pixels, 16, MAX_FUSED_PIXELS)
     block_i = pow2_between(geom.average_instances(), 1, 4)
-    block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (block_i * block_n)))
+    # [instances, groups, pixels] float32 accumulator: half the budget (the template tile is widened to float32
+    # beside it); a larger one spills with Triton 3.6 on sm_90
+    block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (4 if wide else 2) // (block_i * block_n)))
     group_tiles = triton.cdiv(geom.G, block_g)
     px_tiles = triton.cdiv(geom.out_pixels, block_n)
     templates = geom.hint("templates_in_grid")
@@ -310,7 +335,7 @@ def _pixel_splits(geom: Geometry, programs_per_split: int) -> tuple:
     return triton.cdiv(geom.out_pixels, split_len), split_len  # symbolic where the sizes are: all pixels covered
 
 
-def backward_gemm_plan(geom: Geometry, dtype: torch.dtype, tf32: bool, align: int) -> BackwardPlan:
+def backward_gemm_plan(geom: Geometry, operands: Operands, align: int) -> BackwardPlan:
     """grad_weight: row blocks x channel chunks x splits of the output pixels, GRAD_WEIGHT_PIXELS per step, each
     split summing its pixels in order (float32 partials when there are several); grad_templates: tiles of template
     pixels (an autotuned width), the reduction over the template's rows in blocks of BLOCK_M.
@@ -318,18 +343,22 @@ def backward_gemm_plan(geom: Geometry, dtype: torch.dtype, tf32: bool, align: in
     Where output and template pixels coincide (same_pixels: every benchmark scenario) one launch does both on each
     (template, group, channel chunk, split): grad_output is read from DRAM once, by one program, and the second
     read (for grad_templates) finds it in L1/L2. Otherwise grad_templates and grad_weight are two launches."""
-    budget = accumulator_budget(dtype, tf32)
-    block_c = block_channels(geom, dtype, tf32)
+    budget = operands.budget
+    block_c = block_channels(geom, operands)
     c_chunks = triton.cdiv(geom.Cg, block_c)
     templates = geom.hint("templates_in_grid") * geom.G * size_hint(c_chunks)
-    gt_tiles = [dict(BLOCK_PI=128), dict(BLOCK_PI=64)]
+    # (with 64-bit offsets a 128-pixel tile of grad_templates spills on sm_90)
+    gt_tiles = [dict(BLOCK_PI=64)] if operands.wide else [dict(BLOCK_PI=128), dict(BLOCK_PI=64)]
 
     def gt_accumulator(tile):
         return tile["BLOCK_PI"] * block_c
 
     if same_pixels(geom):
-        # (IEEE float32's FMA dots keep their operand tiles in registers: fewer rows)
-        block_m = block_rows(geom, max(block_c, GRAD_WEIGHT_PIXELS), budget, high=64 if budget == MAX_ACC else 16)
+        block_m = block_rows(geom, max(block_c, GRAD_WEIGHT_PIXELS), budget, high=operands.fused_rows)
+
+        def fused_accumulator(tile):  # grad_templates' accumulator and grad_output's [rows, pixels] tile
+            return gt_accumulator(tile) + block_m * GRAD_WEIGHT_PIXELS
+
         splits, split_len = _pixel_splits(geom, templates)
         constants = dict(DO_GT=True, DO_GW=True, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_PO=GRAD_WEIGHT_PIXELS,
                          num_c_chunks=c_chunks, num_px_tiles=splits, row_splits=1, split_len_div=split_len // align,
@@ -338,7 +367,8 @@ def backward_gemm_plan(geom: Geometry, dtype: torch.dtype, tf32: bool, align: in
         def grid(meta):
             return (geom.templates_in_grid * geom.G * c_chunks * splits,)
 
-        return BackwardPlan([("fused", Launch(constants, _configs(gt_tiles, gt_accumulator, budget), grid))], splits)
+        return BackwardPlan([("fused", Launch(constants, _configs(gt_tiles, fused_accumulator, operands), grid))],
+                            splits)
 
     # grad_templates: the reduction runs over the template's rows in blocks of up to 64.
     gt_block_m = pow2_between(geom.average_rows(), MIN_DOT, 64)
@@ -351,7 +381,7 @@ def backward_gemm_plan(geom: Geometry, dtype: torch.dtype, tf32: bool, align: in
     def gt_arguments(meta):
         return dict(num_px_tiles=triton.cdiv(geom.pixels, meta["BLOCK_PI"]), gt_len_div=meta["BLOCK_PI"] // align)
 
-    grad_templates = Launch(gt_constants, _configs(gt_tiles, gt_accumulator, budget), gt_grid, gt_arguments)
+    grad_templates = Launch(gt_constants, _configs(gt_tiles, gt_accumulator, operands), gt_grid, gt_arguments)
 
     block_m = block_rows(geom, block_c, budget)
     rows_split = row_splits(geom, block_m, templates, high=8)
@@ -363,16 +393,21 @@ def backward_gemm_plan(geom: Geometry, dtype: torch.dtype, tf32: bool, align: in
     def gw_grid(meta):
         return (geom.templates_in_grid * geom.G * c_chunks * rows_split * splits,)
 
-    grad_weight = Launch(gw_constants, _configs([{}], lambda tile: block_m * block_c, budget, stages=(3,)), gw_grid)
+    # (IEEE float32's FMA loop spills with operands of a second step in flight, with 64-bit offsets: it is
+    # bound by its multiply-adds anyway)
+    stages = (1,) if operands.kind == "ieee" else (3,)
+    grad_weight = Launch(gw_constants, _configs([{}], lambda tile: block_m * block_c, operands, stages), gw_grid)
     return BackwardPlan([("grad_templates", grad_templates), ("grad_weight", grad_weight)], splits)
 
 
-def backward_direct_plan(geom: Geometry, dtype: torch.dtype) -> BackwardPlan:
+def backward_direct_plan(geom: Geometry, wide: bool = False) -> BackwardPlan:
     fused = small_templates(geom)
     block_pi = pow2_between(geom.pixels, 16, MAX_FUSED_PIXELS) if fused else MAX_FUSED_PIXELS
     block_po = pow2_between(geom.out_pixels, 16, MAX_FUSED_PIXELS) if fused else MAX_FUSED_PIXELS
     block_i = pow2_between(geom.average_instances(), 1, 4)
-    block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (block_i * max(block_po, block_pi))))
+    # the backward holds grad_output's [instances, groups, pixels] tile in float32 and its products with the template
+    # tile: a quarter of the budget each (larger spills with Triton 3.6 on sm_90)
+    block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (8 if wide else 4) // (block_i * max(block_po, block_pi))))
     group_tiles = triton.cdiv(geom.G, block_g)
     in_tiles = triton.cdiv(geom.pixels, block_pi)
     out_tiles = triton.cdiv(geom.out_pixels, block_po)
