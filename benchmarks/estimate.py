@@ -67,15 +67,21 @@ MATH_EFFICIENCY = {"tensor": 0.55, "fma": 0.5}
 LAUNCH_S = 2.0e-6
 # L2 a kernel may count on for data it reads twice (60 MB on the H200, shared with everything in flight).
 L2_USABLE = 40e6
-# Host (CPU) time per call: the Python and C++ work before each launch reaches the GPU. PyTorch eager dispatch of a
-# simple op ~6 us, a cuDNN / cuBLAS call ~15 us (heuristics cached), an autograd node ~4 us; a Triton launch from
-# Python ~8 us (Triton's launcher) plus our plan code ~20 us per op call. A device sync (.tolist(), the public
-# function's index check) drains the GPU: ~8 us, and the work queued after it starts from an idle GPU.
+# Host (CPU) time per call: the Python and C++ work before each launch reaches the GPU (leads, not measured on the
+# GPU machine): PyTorch eager dispatch of a simple op ~6 us, a cuDNN / cuBLAS call ~15 us (heuristics cached), an
+# autograd node ~4 us. pointins backends: the public function's Python input checks ~10 us; a device sync for its
+# index check (.tolist()) drains the GPU, ~8 us, and what is queued after it starts from an idle GPU. Triton: our
+# launcher code per op call, measured on this 2-core VM with launches stubbed out (meta tensors, cached plans):
+# 26-42 us, taken as 35 us with the custom-op dispatch; Triton's own launcher per kernel (~45 arguments bound and
+# specialised in Python) ~10 us. The C++ CUDA op: dispatch ~10 us, ~5 us per launch.
 HOST_ATEN_S = 6e-6
 HOST_LIBRARY_S = 15e-6
 HOST_AUTOGRAD_S = 4e-6
-HOST_TRITON_LAUNCH_S = 8e-6
-HOST_TRITON_OP_S = 20e-6
+HOST_CHECKS_S = 10e-6
+HOST_TRITON_LAUNCH_S = 10e-6
+HOST_TRITON_OP_S = 35e-6
+HOST_CUDA_OP_S = 10e-6
+HOST_CUDA_LAUNCH_S = 5e-6
 SYNC_S = 8e-6
 
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -272,11 +278,13 @@ def triton_plan(scenario: Scenario, mode: str, dtype: str, compile_kernels: bool
             for part in modes for launch in launches[part]]
 
 
-def triton_host_seconds(plan: list[dict], mode: str, scenario: Scenario) -> float:
+def host_seconds(plan: list[dict], mode: str, scenario: Scenario, per_op: float, per_launch: float) -> float:
+    """A pointins backend's CPU time per call: the public function's checks (and index sync) for a forward, the
+    op dispatch per op, a launch per kernel, the autograd nodes."""
     ops = 2 if mode == "forward+backward" else 1
+    checks = HOST_CHECKS_S + (SYNC_S if scenario.index != "identity" else 0.0) if mode != "backward" else 0.0
     autograd = HOST_AUTOGRAD_S * (2 if mode != "forward" else 1)
-    check = SYNC_S if scenario.index != "identity" and mode != "backward" else 0.0
-    return ops * HOST_TRITON_OP_S + len(plan) * HOST_TRITON_LAUNCH_S + autograd + check
+    return checks + ops * per_op + len(plan) * per_launch + autograd
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,10 +448,12 @@ def estimate_rows(scenarios, modes, dtypes, compile_kernels=True, with_cuda=True
                 best_name = min(ref_times, key=ref_times.get)
                 backends = {}
                 plan = triton_plan(scenario, mode, dtype, compile_kernels, compile_cache)
-                backends["triton"] = (plan, triton_host_seconds(plan, mode, scenario))
+                backends["triton"] = (plan, host_seconds(plan, mode, scenario, HOST_TRITON_OP_S,
+                                                         HOST_TRITON_LAUNCH_S))
                 if cuda_plan is not None:
                     cplan = cuda_plan(scenario, mode, dtype)
-                    backends["cuda"] = (cplan, triton_host_seconds(cplan, mode, scenario))
+                    backends["cuda"] = (cplan, host_seconds(cplan, mode, scenario, HOST_CUDA_OP_S,
+                                                            HOST_CUDA_LAUNCH_S))
                 for name, (kernels, host) in backends.items():
                     device = device_seconds(kernels)
                     total = max(device, host)

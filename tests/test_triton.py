@@ -137,16 +137,17 @@ def test_large_batches_bucket_with_torch_sort(monkeypatch):
     check_case(op, PATH_CASES["large-templates"], torch.float32, DEVICE)
 
 
-@pytest.mark.parametrize("N, P", [(1, 1), (37, 9), (2100, 5), (90, 600)])
-def test_bucket_kernel_matches_torch_sort(N, P):
+@pytest.mark.parametrize("N, P, block_t", [(1, 1, None), (37, 9, None), (2100, 5, None), (90, 41, 4)])
+def test_bucket_kernel_matches_torch_sort(N, P, block_t):
     # A stable sort by template, out-of-range values (negative or >= P) in the sentinel bucket P, count and start
-    # per template; N = 2100 takes several steps per pass, P = 600 several templates per program.
+    # per template; N = 2100 takes several steps per pass, BLOCK_T = 4 several templates per program (what
+    # P > 2048 gets).
     generator = torch.Generator().manual_seed(N * 1000 + P)
     index = torch.randint(-3, P + 3, (N,), generator=generator).to(DEVICE)
     order, start, count = (torch.empty(N, dtype=torch.int32, device=DEVICE),
                            torch.empty(P + 1, dtype=torch.int32, device=DEVICE),
                            torch.empty(P + 1, dtype=torch.int32, device=DEVICE))
-    block_t = bucketing.templates_per_program(P)
+    block_t = block_t or bucketing.templates_per_program(P)
     bucketing.bucket_kernel[(-(-(P + 1) // block_t),)](index, order, start, count, N, P, BLOCK_T=block_t,
                                                         CHUNK=bucketing.chunk(block_t))
     for what, got, want in zip(("order", "start", "count"), (order, start, count),
@@ -462,3 +463,16 @@ def test_kernels_compile_for_gpu_targets():
     hopper = [r for r in reports if r["capability"] == 90]
     assert not [r for r in hopper if _spills(r)], [(r["case"], r["dtype"], r["config"]) for r in hopper
                                                    if _spills(r)]
+
+
+def test_estimate_runs_and_gives_each_kernel_its_reasoning():
+    # benchmarks/estimate.py (the README's GPU estimate) stays runnable: one scenario and mode, no compiles. Its
+    # Triton plan comes from the real launchers, so a launcher change that breaks it shows here.
+    result = subprocess.run([sys.executable, "-m", "benchmarks.estimate", "--no-compile", "--scenario", "condinst",
+                             "--dtype", "bfloat16", "--mode", "forward+backward", "--kernels"],
+                            capture_output=True, text=True, timeout=600, env=_without_interpreter(),
+                            cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ESTIMATE" in result.stdout and "condinst" in result.stdout, result.stdout
+    for kernel in ("bucket_kernel", "forward_gemm", "backward_fused", "sum_partials_kernel"):
+        assert kernel in result.stdout, (kernel, result.stdout)

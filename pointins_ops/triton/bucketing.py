@@ -75,7 +75,7 @@ def bucket_kernel(index, order, start, count, N, P, BLOCK_T: tl.constexpr, CHUNK
 def templates_per_program(P: int) -> int:
     """BLOCK_T: one template per program up to 2048 programs (they all fit on the GPU at once and hide each
     other's load latency; each compares a whole CHUNK of index values at once), more beyond, at most 16."""
-    return max(1, min(16, triton.next_power_of_2(triton.cdiv(P + 1, 2048))))
+    return max(1, min(16, 1 << max(-(-(P + 1) // 2048) - 1, 0).bit_length()))
 
 
 def chunk(block_t: int) -> int:

@@ -110,10 +110,10 @@ def recording(all_candidates: bool = True):
         recorder.skip_next = True
         return candidates[0]
 
-    def launch(name, kernel, launch_, arguments, geom, reference):
-        recorder.name = name
+    def launch(step, tensors, reference):
+        recorder.name = step.name
         try:
-            saved[2](name, kernel, launch_, arguments, geom, reference)
+            saved[2](step, tensors, reference)
         finally:
             recorder.name = None
 

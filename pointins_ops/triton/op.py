@@ -13,6 +13,7 @@ the Triton interpreter they are opaque custom ops (see the end of this file).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -52,46 +53,108 @@ def _dot_options(tensor: torch.Tensor) -> dict:
                 UPCAST=INTERPRET and tensor.dtype == torch.bfloat16)
 
 
-def _buckets(index: Optional[torch.Tensor], geom: plan.Geometry, device: torch.device):
-    """(order, start, count) of bucketing.py; placeholders when there is no index (the kernels never read them)."""
+@dataclasses.dataclass
+class _Step:
+    """One kernel launch of a call, everything but its tensors decided: the plan.Launch, the fixed arguments,
+    and the autotuning key."""
+    name: str
+    kernel: object
+    launch: plan.Launch
+    fixed: dict
+    tuning_key: tuple
+
+
+@dataclasses.dataclass
+class _CallPlan:
+    """Everything a call does that depends only on sizes, strides, dtypes and flags (see _signature)."""
+    geom: plan.Geometry
+    bucketing: object                  # None (no index), "torch" (torch's sort), or BLOCK_T of bucket_kernel
+    steps: list
+    splits: object = 1                 # grad_weight splits (float32 partial buffers when > 1)
+    partial_sum: Optional[dict] = None  # fixed arguments of sum_partials_kernel
+
+
+# Call plans by signature: building one costs more host time than the kernels of a small call take on a GPU.
+_PLANS: dict = {}
+
+
+def _signature(kind: str, tensors, extra: tuple):
+    """A call's cache key, or None when a size is symbolic or a tensor fake (torch.compile: plans are then built
+    for each trace, which is when they are needed)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    key = [kind, extra, _dot_options(tensors[0])["TF32"], plan.FORCE_PATH, plan.FORCE_64BIT_OFFSETS,
+           FORCE_TORCH_BUCKETING]
+    for tensor in tensors:
+        if tensor is None:
+            key.append(None)
+            continue
+        if is_fake(tensor) or any(isinstance(v, torch.SymInt) for v in (*tensor.shape, *tensor.stride())):
+            return None
+        key.append((tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset() % 8, tensor.dtype,
+                    tensor.device))
+    return tuple(key)
+
+
+def _cached(signature, build):
+    if signature is None:
+        return build()
+    call_plan = _PLANS.get(signature)
+    if call_plan is None:
+        call_plan = _PLANS[signature] = build()
+    return call_plan
+
+
+def _bucketing_of(index, geom: plan.Geometry):
     if index is None:
+        return None
+    if FORCE_TORCH_BUCKETING or geom.hint("N") * (geom.hint("P") + 1) > MAX_KERNEL_PAIRS:
+        return "torch"
+    return templates_per_program(geom.hint("P"))
+
+
+def _buckets(index: Optional[torch.Tensor], call_plan: _CallPlan, device: torch.device):
+    """(order, start, count) of bucketing.py; placeholders when there is no index (the kernels never read them)."""
+    if call_plan.bucketing is None:
         placeholder = torch.empty(1, dtype=torch.int32, device=device)
         return placeholder, placeholder, placeholder
-    N, P = geom.N, geom.P
-    if FORCE_TORCH_BUCKETING or geom.hint("N") * (geom.hint("P") + 1) > MAX_KERNEL_PAIRS:
+    N, P = call_plan.geom.N, call_plan.geom.P
+    if call_plan.bucketing == "torch":
         return sort_by_template_with_torch(index, P)
     order = torch.empty(N, dtype=torch.int32, device=device)
     start = torch.empty(P + 1, dtype=torch.int32, device=device)
     count = torch.empty(P + 1, dtype=torch.int32, device=device)
-    block_t = templates_per_program(geom.hint("P"))
-    wrap_triton(bucket_kernel)[(triton.cdiv(P + 1, block_t),)](index, order, start, count, N, P, BLOCK_T=block_t,
-                                                                 CHUNK=chunk(block_t), num_warps=4)
+    block_t = call_plan.bucketing
+    wrap_triton(bucket_kernel)[(plan.cdiv(P + 1, block_t),)](index, order, start, count, N, P, BLOCK_T=block_t,
+                                                         CHUNK=chunk(block_t), num_warps=4)
     return order, start, count
 
 
-def _tuning_key(name: str, geom: plan.Geometry, dtype: torch.dtype, arguments: dict) -> tuple:
+def _tuning_key(name: str, geom: plan.Geometry, dtype: torch.dtype, fixed: dict) -> tuple:
     """Autotuning key: the launch's fixed arguments, the geometry with N and P rounded up to powers of 2 (a
     training loop's instance count changes every batch: it tunes a handful of times, not once per batch)."""
-    sizes = tuple(triton.next_power_of_2(max(geom.hint(name), 1)) if name in ("N", "P") else
+    sizes = tuple(plan.next_pow2(max(geom.hint(name), 1)) if name in ("N", "P") else
                   (geom.hint(name) if isinstance(getattr(geom, name), (int, torch.SymInt)) else getattr(geom, name))
                   for name in ("P", "C_in", "H", "W", "N", "C_out", "G", "kH", "kW", "stride", "padding",
                                "dilation", "identity"))
-    fixed = tuple(sorted((key, plan.size_hint(value) if isinstance(value, (int, torch.SymInt)) else value)
-                         for key, value in arguments.items() if not isinstance(value, torch.Tensor)))
-    return name, str(dtype), sizes, fixed
+    rest = tuple(sorted((key, plan.size_hint(value) if isinstance(value, (int, torch.SymInt)) else value)
+                        for key, value in fixed.items() if key not in ("N", "P")))
+    return name, str(dtype), sizes, rest
 
 
-def _launch(name: str, kernel, launch: plan.Launch, arguments: dict, geom: plan.Geometry, reference: torch.Tensor):
-    """Launch ``kernel`` with one of ``launch``'s candidates (tuning.choose decides which)."""
-    fixed = {**arguments, **launch.constants}
+def _step(name: str, kernel, launch: plan.Launch, fixed: dict, geom: plan.Geometry, dtype: torch.dtype) -> _Step:
+    fixed = {**fixed, **launch.constants}
+    return _Step(name, kernel, launch, fixed, _tuning_key(name, geom, dtype, fixed))
 
+
+def _launch(step: _Step, tensors: dict, reference: torch.Tensor):
+    """Launch a step with one of its candidates (tuning.choose decides which)."""
     def run(config):
-        meta = {**fixed, **config.kwargs}
-        wrap_triton(kernel)[launch.grid(meta)](**meta, **launch.arguments(meta), num_warps=config.num_warps,
-                                               num_stages=config.num_stages)
+        meta = {**step.fixed, **config.kwargs}
+        wrap_triton(step.kernel)[step.launch.grid(meta)](**tensors, **meta, **step.launch.arguments(meta),
+                                                         num_warps=config.num_warps, num_stages=config.num_stages)
 
-    config = tuning.choose(_tuning_key(name, geom, reference.dtype, fixed), launch.candidates, run, reference)
-    run(config)
+    run(tuning.choose(step.tuning_key, step.launch.candidates, run, reference))
 
 
 def _conv_arguments(geom: plan.Geometry) -> dict:
@@ -112,40 +175,44 @@ def _strides(prefix: str, tensor: torch.Tensor, names: str) -> dict:
     return {f"{prefix}_{name}": stride for name, stride in zip(names, tensor.stride())}
 
 
-def _forward(templates, weight, bias, index, stride, padding, dilation, groups):
+def _forward_plan(templates, weight, bias, index, stride, padding, dilation, groups) -> _CallPlan:
     geom = plan.geometry(templates, weight, index, stride, padding, dilation, groups)
+    has_bias = bias is not None
+    out_elements = geom.N * geom.C_out * geom.out_pixels
+    fixed = dict(**_conv_arguments(geom), **_strides("st", templates, "pchw"), **_strides("sw", weight, "nochw"),
+                 sb_n=bias.stride(0) if has_bias else 0, sb_o=bias.stride(1) if has_bias else 0, HAS_BIAS=has_bias,
+                 WIDE=plan.needs_64bit_offsets(templates, weight, bias, extra_elements=out_elements),
+                 CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]), NO_BOUNDS=plan.no_bounds(geom))
+    fixed.update(_pixel_counts(templates, geom))
+    del fixed["pixels_div"]  # (the forward kernels count output pixels only)
+    if plan.uses_direct_path(geom):
+        step = _step("forward_direct", forward_direct_kernel, plan.forward_direct_launch(geom, fixed["WIDE"]), fixed,
+                     geom, templates.dtype)
+    else:
+        fixed.update(_dot_options(templates))
+        operands = plan.Operands.of(templates.dtype, fixed["TF32"], fixed["WIDE"])
+        step = _step("forward_gemm", forward_gemm_kernel, plan.forward_gemm_launch(geom, operands), fixed, geom,
+                     templates.dtype)
+    return _CallPlan(geom, _bucketing_of(index, geom), [step])
+
+
+def _forward(templates, weight, bias, index, stride, padding, dilation, groups):
+    call_plan = _cached(_signature("forward", (templates, weight, bias, index), (stride, padding, dilation, groups)),
+                        lambda: _forward_plan(templates, weight, bias, index, stride, padding, dilation, groups))
+    geom = call_plan.geom
     out = torch.empty((geom.N, geom.C_out, geom.H_out, geom.W_out), dtype=templates.dtype, device=templates.device)
     if out.numel() == 0:
         return out
-    order, start, count = _buckets(index, geom, templates.device)
-    has_bias = bias is not None
-    arguments = dict(
-        templates=templates, weight=weight, bias=bias if has_bias else weight, out=out, order=order, start=start,
-        count=count, **_conv_arguments(geom), **_strides("st", templates, "pchw"), **_strides("sw", weight, "nochw"),
-        sb_n=bias.stride(0) if has_bias else 0, sb_o=bias.stride(1) if has_bias else 0, HAS_BIAS=has_bias,
-        WIDE=plan.needs_64bit_offsets(templates, weight, bias, out),
-        CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]), NO_BOUNDS=plan.no_bounds(geom))
-    arguments.update(_pixel_counts(templates, geom))
-    del arguments["pixels_div"]  # (the forward kernels count output pixels only)
-    if plan.uses_direct_path(geom):
-        _launch("forward_direct", forward_direct_kernel, plan.forward_direct_launch(geom, arguments["WIDE"]),
-                arguments, geom, out)
-    else:
-        arguments.update(_dot_options(templates))
-        operands = plan.Operands.of(templates.dtype, arguments["TF32"], arguments["WIDE"])
-        _launch("forward_gemm", forward_gemm_kernel, plan.forward_gemm_launch(geom, operands), arguments, geom, out)
+    order, start, count = _buckets(index, call_plan, templates.device)
+    tensors = dict(templates=templates, weight=weight, bias=bias if bias is not None else weight, out=out,
+                   order=order, start=start, count=count)
+    for step in call_plan.steps:
+        _launch(step, tensors, out)
     return out
 
 
-def _backward(grad_output, templates, weight, index, stride, padding, dilation, groups):
+def _backward_plan(grad_output, templates, weight, index, stride, padding, dilation, groups) -> _CallPlan:
     geom = plan.geometry(templates, weight, index, stride, padding, dilation, groups)
-    device = templates.device
-    grad_templates = torch.empty_like(templates, memory_format=torch.contiguous_format)
-    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
-    grad_bias = torch.empty((geom.N, geom.C_out), dtype=weight.dtype, device=device)
-    if grad_bias.numel() == 0 or grad_output.numel() == 0:
-        return grad_templates.zero_(), grad_weight.zero_(), grad_bias.zero_()
-    order, start, count = _buckets(index, geom, device)
     direct = plan.uses_direct_path(geom)
     dot_options = _dot_options(templates)
     align = _pixel_counts(templates, geom)["ALIGN"]
@@ -155,41 +222,61 @@ def _backward(grad_output, templates, weight, index, stride, padding, dilation, 
             return plan.backward_direct_plan(geom, wide)
         return plan.backward_gemm_plan(geom, plan.Operands.of(templates.dtype, dot_options["TF32"], wide), align)
 
-    wide = plan.needs_64bit_offsets(grad_output, templates, weight, grad_templates)
+    weight_elements, bias_elements = weight.numel(), geom.N * geom.C_out
+    wide = plan.needs_64bit_offsets(grad_output, templates, weight, extra_elements=templates.numel())
     backward_plan = backward_plan_for(wide)
     splits = backward_plan.splits
-    weight_elements, bias_elements = grad_weight.numel(), grad_bias.numel()
-    if splits > 1:  # (a guard under torch.compile: a graph is specialised on whether grad_weight splits)
-        gw_dest = torch.empty((splits, weight_elements), dtype=torch.float32, device=device)
-        gb_dest = torch.empty((splits, bias_elements), dtype=torch.float32, device=device)
-        if not wide and plan.needs_64bit_offsets(gw_dest):  # (the splits do not depend on the offsets' width)
-            wide = True
-            backward_plan = backward_plan_for(wide)
+    # (a guard under torch.compile: a graph is specialised on whether grad_weight splits)
+    if splits > 1 and not wide and plan.needs_64bit_offsets(extra_elements=splits * weight_elements):
+        wide = True  # (the splits do not depend on the offsets' width)
+        backward_plan = backward_plan_for(wide)
+    fixed = dict(C_in=geom.C_in, M_w=weight_elements, M_b=bias_elements, **_conv_arguments(geom),
+                 **_strides("sg", grad_output, "nchw"), **_strides("st", templates, "pchw"),
+                 **_strides("sw", weight, "nochw"), WIDE=wide, UNIT_STRIDE=geom.stride == (1, 1),
+                 CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]), NO_BOUNDS=plan.no_bounds(geom))
+    fixed.update(_pixel_counts(templates, geom))
+    if direct:
+        steps = [_step("backward_direct", backward_direct_kernel, launch, fixed, geom, templates.dtype)
+                 for _, launch in backward_plan.launches]
+    else:
+        fixed.update(dot_options, GRAD_CONTIGUOUS=plan.contiguous_taps(geom, grad_output.stride()[2:]))
+        steps = [_step(f"backward_{name}", backward_gemm_kernel, launch, fixed, geom, templates.dtype)
+                 for name, launch in backward_plan.launches]
+    partial_sum = None
+    if splits > 1:
+        block = plan.PARTIAL_SUM_BLOCK
+        weight_blocks = plan.cdiv(weight_elements, block)
+        partial_sum = dict(grid=(weight_blocks + plan.cdiv(bias_elements, block),), M_w=weight_elements,
+                           M_b=bias_elements, S=splits, num_w_blocks=weight_blocks, BLOCK=block,
+                           WIDE=plan.needs_64bit_offsets(extra_elements=splits * weight_elements))
+    return _CallPlan(geom, _bucketing_of(index, geom), steps, splits, partial_sum)
+
+
+def _backward(grad_output, templates, weight, index, stride, padding, dilation, groups):
+    call_plan = _cached(
+        _signature("backward", (grad_output, templates, weight, index), (stride, padding, dilation, groups)),
+        lambda: _backward_plan(grad_output, templates, weight, index, stride, padding, dilation, groups))
+    geom = call_plan.geom
+    device = templates.device
+    grad_templates = torch.empty_like(templates, memory_format=torch.contiguous_format)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+    grad_bias = torch.empty((geom.N, geom.C_out), dtype=weight.dtype, device=device)
+    if grad_bias.numel() == 0 or grad_output.numel() == 0:
+        return grad_templates.zero_(), grad_weight.zero_(), grad_bias.zero_()
+    order, start, count = _buckets(index, call_plan, device)
+    if call_plan.partial_sum is not None:
+        gw_dest = torch.empty((call_plan.splits, grad_weight.numel()), dtype=torch.float32, device=device)
+        gb_dest = torch.empty((call_plan.splits, grad_bias.numel()), dtype=torch.float32, device=device)
     else:
         gw_dest, gb_dest = grad_weight, grad_bias
-    arguments = dict(
-        grad_out=grad_output, templates=templates, weight=weight, grad_templates=grad_templates, gw_dest=gw_dest,
-        gb_dest=gb_dest, order=order, start=start, count=count, C_in=geom.C_in, M_w=weight_elements,
-        M_b=bias_elements, **_conv_arguments(geom), **_strides("sg", grad_output, "nchw"),
-        **_strides("st", templates, "pchw"), **_strides("sw", weight, "nochw"),
-        WIDE=wide,
-        UNIT_STRIDE=geom.stride == (1, 1), CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]),
-        NO_BOUNDS=plan.no_bounds(geom))
-    arguments.update(_pixel_counts(templates, geom))
-    if direct:
-        for name, launch in backward_plan.launches:
-            _launch("backward_direct", backward_direct_kernel, launch, arguments, geom, grad_output)
-    else:
-        arguments.update(dot_options,
-                         GRAD_CONTIGUOUS=plan.contiguous_taps(geom, grad_output.stride()[2:]))
-        for name, launch in backward_plan.launches:
-            _launch(f"backward_{name}", backward_gemm_kernel, launch, arguments, geom, grad_output)
-    if gw_dest is not grad_weight:
-        block = plan.PARTIAL_SUM_BLOCK
-        weight_blocks = triton.cdiv(weight_elements, block)
-        wrap_triton(sum_partials_kernel)[(weight_blocks + triton.cdiv(bias_elements, block),)](
-            gw_dest, grad_weight, weight_elements, gb_dest, grad_bias, bias_elements, splits, weight_blocks,
-            BLOCK=block, WIDE=plan.needs_64bit_offsets(gw_dest), num_warps=4)
+    tensors = dict(grad_out=grad_output, templates=templates, weight=weight, grad_templates=grad_templates,
+                   gw_dest=gw_dest, gb_dest=gb_dest, order=order, start=start, count=count)
+    for step in call_plan.steps:
+        _launch(step, tensors, grad_output)
+    if call_plan.partial_sum is not None:
+        fixed = dict(call_plan.partial_sum)
+        wrap_triton(sum_partials_kernel)[fixed.pop("grid")](
+            partial_w=gw_dest, out_w=grad_weight, partial_b=gb_dest, out_b=grad_bias, **fixed, num_warps=4)
     return grad_templates, grad_weight, grad_bias
 
 

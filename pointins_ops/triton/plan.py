@@ -39,6 +39,15 @@ MAX_PARTIAL_BYTES = 16 << 20
 INT32_MAX = 2**31 - 1
 
 
+def cdiv(a, b):
+    """ceil(a / b) for ints and SymInts (triton.cdiv is a jit function, slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_pow2(value: int) -> int:
+    return 1 << max(int(value) - 1, 0).bit_length()
+
+
 def size_hint(size) -> int:
     """A size's value, read without a guard where torch.compile made it symbolic: tile sizes only change speed,
     so one compiled graph keeps serving every instance count instead of recompiling for each."""
@@ -53,7 +62,7 @@ def size_hint(size) -> int:
 
 
 def pow2_between(value, low: int, high: int) -> int:
-    return max(low, min(high, triton.next_power_of_2(max(size_hint(value), 1))))
+    return max(low, min(high, next_pow2(max(size_hint(value), 1))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +181,7 @@ FORCE_64BIT_OFFSETS = False  # tests set this to run the 64-bit code path on sma
 
 
 def needs_64bit_offsets(*tensors, extra_elements: int = 0) -> bool:
+    """Whether any of the tensors (or a tensor of extra_elements) has offsets past 2^31 - 1."""
     return FORCE_64BIT_OFFSETS or extra_elements > INT32_MAX or any(
         tensor is not None and (size_hint(tensor.numel()) > INT32_MAX or _largest_offset(tensor) > INT32_MAX)
         for tensor in tensors)
@@ -271,13 +281,13 @@ def forward_gemm_launch(geom: Geometry, operands: Operands) -> Launch:
     widths = [w for w in widths if block_m * w <= budget] or [budget // block_m]
     block_c = block_channels(geom, operands)
     templates = geom.hint("templates_in_grid") * geom.G
-    splits = row_splits(geom, block_m, templates * triton.cdiv(out_pixels, widths[0]), high=16)
+    splits = row_splits(geom, block_m, templates * cdiv(out_pixels, widths[0]), high=16)
 
     def grid(meta):
-        return (geom.templates_in_grid * geom.G * splits * triton.cdiv(geom.out_pixels, meta["BLOCK_N"]),)
+        return (geom.templates_in_grid * geom.G * splits * cdiv(geom.out_pixels, meta["BLOCK_N"]),)
 
     def arguments(meta):
-        return dict(num_px_tiles=triton.cdiv(geom.out_pixels, meta["BLOCK_N"]))
+        return dict(num_px_tiles=cdiv(geom.out_pixels, meta["BLOCK_N"]))
 
     constants = dict(BLOCK_M=block_m, BLOCK_C=block_c, row_splits=splits)
     candidates = _configs([dict(BLOCK_N=w) for w in widths], lambda tile: block_m * tile["BLOCK_N"], operands,
@@ -292,8 +302,8 @@ def forward_direct_launch(geom: Geometry, wide: bool = False) -> Launch:
     # [instances, groups, pixels] float32 accumulator: half the budget (the template tile is widened to float32
     # beside it); a larger one spills with Triton 3.6 on sm_90
     block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (4 if wide else 2) // (block_i * block_n)))
-    group_tiles = triton.cdiv(geom.G, block_g)
-    px_tiles = triton.cdiv(geom.out_pixels, block_n)
+    group_tiles = cdiv(geom.G, block_g)
+    px_tiles = cdiv(geom.out_pixels, block_n)
     templates = geom.hint("templates_in_grid")
     splits = max(1, min(math.ceil(geom.average_instances() / block_i),
                         math.ceil(TARGET_PROGRAMS / max(templates * size_hint(group_tiles) * size_hint(px_tiles), 1))))
@@ -328,11 +338,11 @@ def _pixel_splits(geom: Geometry, programs_per_split: int) -> tuple:
     steps of GRAD_WEIGHT_PIXELS per split, and at most MAX_PARTIAL_BYTES of float32 partial sums."""
     out_pixels = geom.hint("out_pixels")
     weight_elements = geom.hint("N") * geom.hint("C_out") * geom.hint("Cg") * geom.taps
-    most_splits = max(1, min(triton.cdiv(out_pixels, 4 * GRAD_WEIGHT_PIXELS),
+    most_splits = max(1, min(cdiv(out_pixels, 4 * GRAD_WEIGHT_PIXELS),
                              MAX_PARTIAL_BYTES // max(4 * weight_elements, 1)))
     splits = max(1, min(most_splits, math.ceil(TARGET_PROGRAMS / max(programs_per_split, 1))))
-    split_len = triton.cdiv(triton.cdiv(out_pixels, splits), GRAD_WEIGHT_PIXELS) * GRAD_WEIGHT_PIXELS
-    return triton.cdiv(geom.out_pixels, split_len), split_len  # symbolic where the sizes are: all pixels covered
+    split_len = cdiv(cdiv(out_pixels, splits), GRAD_WEIGHT_PIXELS) * GRAD_WEIGHT_PIXELS
+    return cdiv(geom.out_pixels, split_len), split_len  # symbolic where the sizes are: all pixels covered
 
 
 def backward_gemm_plan(geom: Geometry, operands: Operands, align: int) -> BackwardPlan:
@@ -345,7 +355,7 @@ def backward_gemm_plan(geom: Geometry, operands: Operands, align: int) -> Backwa
     read (for grad_templates) finds it in L1/L2. Otherwise grad_templates and grad_weight are two launches."""
     budget = operands.budget
     block_c = block_channels(geom, operands)
-    c_chunks = triton.cdiv(geom.Cg, block_c)
+    c_chunks = cdiv(geom.Cg, block_c)
     templates = geom.hint("templates_in_grid") * geom.G * size_hint(c_chunks)
     # (with 64-bit offsets a 128-pixel tile of grad_templates spills on sm_90)
     gt_tiles = [dict(BLOCK_PI=64)] if operands.wide else [dict(BLOCK_PI=128), dict(BLOCK_PI=64)]
@@ -376,10 +386,10 @@ def backward_gemm_plan(geom: Geometry, operands: Operands, align: int) -> Backwa
                         num_c_chunks=c_chunks, row_splits=1, split_len_div=0)
 
     def gt_grid(meta):
-        return (geom.P * geom.G * c_chunks * triton.cdiv(geom.pixels, meta["BLOCK_PI"]),)
+        return (geom.P * geom.G * c_chunks * cdiv(geom.pixels, meta["BLOCK_PI"]),)
 
     def gt_arguments(meta):
-        return dict(num_px_tiles=triton.cdiv(geom.pixels, meta["BLOCK_PI"]), gt_len_div=meta["BLOCK_PI"] // align)
+        return dict(num_px_tiles=cdiv(geom.pixels, meta["BLOCK_PI"]), gt_len_div=meta["BLOCK_PI"] // align)
 
     grad_templates = Launch(gt_constants, _configs(gt_tiles, gt_accumulator, operands), gt_grid, gt_arguments)
 
@@ -408,9 +418,9 @@ def backward_direct_plan(geom: Geometry, wide: bool = False) -> BackwardPlan:
     # the backward holds grad_output's [instances, groups, pixels] tile in float32 and its products with the template
     # tile: a quarter of the budget each (larger spills with Triton 3.6 on sm_90)
     block_g = pow2_between(geom.G, 1, max(1, MAX_ACC // (8 if wide else 4) // (block_i * max(block_po, block_pi))))
-    group_tiles = triton.cdiv(geom.G, block_g)
-    in_tiles = triton.cdiv(geom.pixels, block_pi)
-    out_tiles = triton.cdiv(geom.out_pixels, block_po)
+    group_tiles = cdiv(geom.G, block_g)
+    in_tiles = cdiv(geom.pixels, block_pi)
+    out_tiles = cdiv(geom.out_pixels, block_po)
     px_tiles = torch.sym_max(in_tiles, out_tiles)
     constants = dict(BLOCK_I=block_i, BLOCK_G=block_g, BLOCK_PI=block_pi, BLOCK_PO=block_po,
                      num_group_tiles=group_tiles, num_px_tiles=px_tiles, num_out_tiles=out_tiles,
