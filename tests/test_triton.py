@@ -422,6 +422,10 @@ def test_no_autotune_candidate_spills_on_sm90():
     gemm = [r for r in reports if r["kernel"] in ("forward_gemm", "backward_fused") and r["dtype"] == "bfloat16"]
     assert gemm and all(r["hgmma"] + r["hmma"] > 0 and 0 < r["registers"] <= 255 for r in gemm)
     assert all(r["hgmma"] > 0 for r in gemm if r["scenario"] != "pointins-infer")
+    # The autotuned kernels reduce only through dot chains: no tt.reduce, whose summation order would follow
+    # the warp layout (how grad_bias once depended on num_warps).
+    tuned = [r for r in reports if r["kernel"] in ("forward_gemm", "backward_fused")]
+    assert tuned and not [r["config"] for r in tuned if r["reductions"]]
 
 
 def test_kernels_compile_for_gpu_targets():
@@ -463,6 +467,8 @@ def test_kernels_compile_for_gpu_targets():
     hopper = [r for r in reports if r["capability"] == 90]
     assert not [r for r in hopper if _spills(r)], [(r["case"], r["dtype"], r["config"]) for r in hopper
                                                    if _spills(r)]
+    assert not [r["config"] for r in reports if r["kernel"].startswith(("forward_gemm", "backward_grad"))
+                and r["reductions"]]
 
 
 def test_estimate_runs_and_gives_each_kernel_its_reasoning():

@@ -11,8 +11,10 @@
   float32 partials and ``sum_partials_kernel`` adds them in split order; with one split the program writes
   the result.
 
-When a template's pixels fit one tile (the PointINS shapes) one launch does both (DO_GT and DO_GW) and reads
-grad_out once per row block; otherwise grad_templates and grad_weight are two launches with their own tiling.
+Where output pixel i and template pixel i are the same place (unit stride, 'same' padding: every benchmark
+scenario) one launch does both on each split of the pixels (DO_GT and DO_GW): grad_out comes from DRAM once and
+its second read (for grad_templates) from L1/L2; otherwise grad_templates and grad_weight are two launches with
+their own tiling.
 ``backward_direct_kernel`` is the depthwise / small-group counterpart of ``forward_direct_kernel``.
 
 Summation orders are fixed by the shape: the reduction chunks (BLOCK_M rows for grad_templates, BLOCK_PO pixels

@@ -224,7 +224,9 @@ def compile_launch(launch: Launch, capability: int = 90) -> dict:
         cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
         vector_loads=len(re.findall(r"\bld\.global(?:\.\w+)*\.v[248]\b", ptx)),
         vector_stores=len(re.findall(r"\bst\.global(?:\.\w+)*\.v[248]\b", ptx)),
-        scalar_16bit_loads=len(re.findall(r"\bld\.global(?:\.\w+)*\.b16\b", ptx)))
+        scalar_16bit_loads=len(re.findall(r"\bld\.global(?:\.\w+)*\.b16\b", ptx)),
+        # tt.reduce: a tl.sum / tl.max over a tile, whose order follows the tile's layout across warps
+        reductions=compiled.asm["ttgir"].count("tt.reduce"))
 
 
 # Shapes whose every launch and candidate the spill check compiles: the benchmark scenarios (GPU scale) and

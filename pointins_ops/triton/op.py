@@ -2,12 +2,14 @@
 
 forward:  bucketing (skipped without an index), then one forward kernel (tensor-core GEMM, or direct for
           depthwise and small groups).
-backward: bucketing, then one fused kernel where a template's pixels fit a tile (grad_templates, grad_weight and
-          grad_bias together), else grad_templates and a split grad_weight with a fixed-order sum of its
-          float32 partials; the direct path has one kernel (plus the sum when it splits).
+backward: bucketing, then one fused kernel where output and template pixels coincide (grad_templates,
+          grad_weight and grad_bias together, over splits of the pixels), else grad_templates and a split
+          grad_weight; a fixed-order sum of the float32 partials when grad_weight splits. The direct path has one
+          kernel (plus the sum when it splits).
 
-On a GPU the two ops are ``torch.library.triton_op``s, so torch.compile traces the kernels themselves; under
-the Triton interpreter they are opaque custom ops (see the end of this file).
+Everything but the tensors is planned once per call signature (sizes, strides, dtypes, flags) and cached: the
+launchers' Python is what small calls wait for. On a GPU the two ops are ``torch.library.triton_op``s, so
+torch.compile traces the kernels themselves; under the Triton interpreter they are opaque custom ops (register).
 """
 
 from __future__ import annotations

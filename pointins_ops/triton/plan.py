@@ -6,12 +6,13 @@ Two rules keep results bitwise reproducible whatever config autotuning picks:
 * Everything that decides the order in which an output element sums its terms is chosen here from the shape,
   never tuned: the reduction chunks (channels per step, rows per step of grad_templates, pixels per step of
   grad_weight), the grad_weight split, and the config of any kernel that reduces with ``tl.sum``.
-* The autotuned parameters only move work between programs and warps: output tile widths, ``num_warps``,
-  ``num_stages``. Every reduction in an autotuned kernel is a chain of dots (common.py), whose order along the
-  reduced axis is the loop order.
+* The autotuned parameter only moves work between programs: an output tile width (pixels per program of the
+  forward and of grad_templates); warps follow from the tile by rule (Operands.warps). Every reduction in an
+  autotuned kernel is a chain of dots (common.py), whose order along the reduced axis is the loop order.
 
 Sizes may be symbolic under torch.compile: tile sizes are read from size hints without guards (they only change
-speed), so one compiled graph serves every instance count.
+speed), so one compiled graph serves every instance count; what correctness depends on (alignment promises,
+whether grad_weight splits) is tested on the symbolic sizes, which makes it a guard.
 """
 
 from __future__ import annotations
