@@ -48,8 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="tiny shapes, one thread, one timed repetition: checks the harness, not the speed")
     parser.add_argument("--threads", type=int,
                         help="CPU threads (torch.set_num_threads); default: torch's (1 with --quick)")
-    parser.add_argument("--out", type=Path, help="result folder; default benchmarks/results/<device> "
-                        "(benchmarks/results/local/<device>-quick with --quick)")
+    parser.add_argument("--output", "--out", dest="output", type=Path,
+                        help="result folder, e.g. benchmarks/results/cpu to replace the committed CPU tables; default "
+                             "a new run folder benchmarks/results/local/<device>-<UTC time>[-quick] (git-ignored), "
+                             "so a run never overwrites committed results unless asked to")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -89,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
         scale = "quick" if args.quick else (args.scale if args.scale != "auto" else
                                             ("gpu" if device.type == "cuda" else "cpu"))
-        out = args.out if args.out is not None and len(devices) == 1 else (
-            (args.out / device_name) if args.out is not None else
-            (RESULTS / "local" / f"{device_name}-quick" if args.quick else RESULTS / device_name))
+        if args.output is not None:
+            out = args.output if len(devices) == 1 else args.output / device_name
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            out = RESULTS / "local" / f"{device_name}-{stamp}{'-quick' if args.quick else ''}"
         out.mkdir(parents=True, exist_ok=True)
 
         started = time.perf_counter()
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         written = [] if args.no_plot else report.write_plot(rows, info, out)
         files = [out / "results.md", out / "results.csv", out / "results.json"] + written
         print(f"\nwrote {', '.join(map(str, files))} in {info['wall_time_s']:.0f} s", file=sys.stderr)
+        print(f"results: {out}", file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,15 @@
 """Timing, peak memory, the two roofline ceilings, and the check of each provider against a float64 reference.
 
-Timing: on CUDA, one pair of CUDA events around each call after a warm-up; on CPU,
-``torch.utils.benchmark.Timer`` (``adaptive_autorange``; ``blocked_autorange`` with no minimum time in quick
-mode) at the thread count the run reports. On both, consecutive calls cycle through several independently
-drawn input sets whose total size is at least twice the last-level cache (GPU L2, CPU L3), so a call does
-not find its inputs in the cache the previous call warmed up.
+Timing: the providers of one (scenario, dtype, mode) are timed together, interleaved: in each round every
+provider runs one block of calls (at least ``min_block_s`` long), in alternating order, and each block gives one
+sample (its mean time per call) — on CPU from ``time.perf_counter``, on CUDA from a pair of CUDA events around
+the block. Rounds go on until ``min_rounds`` are done and the row's time budget is spent. So the load of a
+shared machine, which comes and goes, hits every provider of a row alike, and a speedup can be taken round by
+round: its 20th-80th percentile spread says how sure it is. Providers whose warm call is more than
+``screen_factor`` times slower than the fastest reference's cannot be the baseline; they are timed alone, with a
+few calls. Consecutive calls of a provider cycle through several independently drawn input sets whose total
+size is at least twice the last-level cache (GPU L2, CPU L3), so a call does not find its inputs in the cache the
+previous call warmed up.
 
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one call minus what was allocated
 before it, minus the bytes of what the call returns. On CPU, the same quantity from the allocation events
@@ -12,7 +17,6 @@ that ``torch.profiler`` (``profile_memory=True``) records for PyTorch's CPU allo
 total during the call. Memory that a kernel takes outside PyTorch's allocator (oneDNN's own scratchpads,
 C++ containers) is not seen on CPU.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +29,6 @@ import time
 from typing import Callable
 
 import torch
-import torch.utils.benchmark as torch_benchmark
 
 from pointins_ops.reference import per_template_conv2d
 
@@ -40,22 +43,23 @@ VERIFY_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, to
 
 @dataclasses.dataclass(frozen=True)
 class TimingSettings:
-    """How long to time each (provider, mode). ``quick``: one timed repetition after one warm-up call."""
+    """How each (scenario, dtype, mode) is timed. ``quick``: one round of one call after the first call."""
     quick: bool = False
-    min_run_time_s: float = 0.1    # CPU: adaptive_autorange runs at least this long ...
-    max_run_time_s: float = 0.5    # ... and stops after this long (at least 4 samples unless this is reached)
-    iqr_threshold: float = 0.1     # ... and stops once IQR / median is below this
-    gpu_run_time_s: float = 0.2    # CUDA: samples to fill this time, within the bounds below
-    gpu_min_samples: int = 10
-    gpu_max_samples: int = 500
-    gpu_max_run_time_s: float = 2.0  # CUDA: slow calls get fewer samples (at least 3)
+    min_block_s: float = 0.01      # a block repeats one provider's call for at least this long
+    min_rounds: int = 7            # rounds of interleaved blocks: at least ...
+    max_rounds: int = 60           # ... and at most
+    row_budget_s: float = 1.0      # CPU: no new round after this long (once min_rounds are done)
+    gpu_row_budget_s: float = 0.3  # CUDA: likewise
+    screen_factor: float = 4.0     # providers whose warm call is this much slower than the fastest reference's ...
+    screened_samples: int = 2      # ... are timed alone, with this many calls, and not interleaved
     rotate_below_s: float = 0.05   # backward mode: providers slower than this use one input set
 
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    times_s: list[float]           # seconds per call, one entry per sample
+    times_s: list[float]           # seconds per call, one sample per round (a block's mean)
     calls_per_sample: int
+    interleaved: bool = True
 
     @property
     def median_s(self) -> float:
@@ -63,16 +67,18 @@ class Timing:
 
     def columns(self) -> dict:
         """The row columns this timing fills."""
-        return dict(median_s=self.median_s, p20_s=self.quantile_s(0.2), p80_s=self.quantile_s(0.8),
-                    samples=len(self.times_s), calls_per_sample=self.calls_per_sample)
+        return dict(median_s=self.median_s, p20_s=quantile(self.times_s, 0.2), p80_s=quantile(self.times_s, 0.8),
+                    samples=len(self.times_s), calls_per_sample=self.calls_per_sample,
+                    timing="interleaved" if self.interleaved else "alone")
 
-    def quantile_s(self, q: float) -> float:
-        """Linear interpolation between order statistics (numpy's default)."""
-        ordered = sorted(self.times_s)
-        position = q * (len(ordered) - 1)
-        low = math.floor(position)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def rotate(steps: list[Callable]) -> Callable:
@@ -89,60 +95,79 @@ def rotate(steps: list[Callable]) -> Callable:
     return step
 
 
-def time_call(step: Callable, device: torch.device, settings: TimingSettings,
-              on_first_call: Callable | None = None) -> tuple[Timing, int | None]:
-    """Seconds per call of ``step``, and the peak extra memory of one call (see ``peak_extra_bytes``).
-
-    Both timers call ``step`` before they time it (the Timer to choose its block size, the CUDA path as a
-    warm-up), so first-call costs such as oneDNN primitive creation are not timed. That first call is the
-    one whose memory is measured, and ``on_first_call(result, seconds)`` sees what it returned before any
-    call is timed (it may raise to stop the timing): no call is spent on memory or on checking alone.
-    """
-    peak = []
-
-    def step_measuring_the_first_call():
-        if peak:
-            step()
-            return
-        started = time.perf_counter()
-        bytes_, result = peak_extra_bytes(step, device)
-        seconds = time.perf_counter() - started
-        peak.append(bytes_)
-        if on_first_call is not None:
-            on_first_call(result, seconds)
-
+def first_call(step: Callable, device: torch.device) -> tuple[object, int | None, float]:
+    """Runs ``step`` once: what it returned, the peak extra memory of the call (see ``peak_extra_bytes``) and its
+    wall time in seconds. It is every timing's warm-up (first-call costs such as oneDNN primitive creation are
+    never timed) and the call whose result is checked."""
+    started = time.perf_counter()
+    bytes_, result = peak_extra_bytes(step, device)
     if device.type == "cuda":
-        return _time_cuda(step, step_measuring_the_first_call, settings), peak[0]
-    timer = torch_benchmark.Timer(stmt="step()", globals={"step": step_measuring_the_first_call},
-                                  num_threads=torch.get_num_threads())
-    if settings.quick:
-        measurement = timer.blocked_autorange(min_run_time=0.0)
-    else:
-        measurement = timer.adaptive_autorange(threshold=settings.iqr_threshold,
-                                               min_run_time=settings.min_run_time_s,
-                                               max_run_time=settings.max_run_time_s)
-    return Timing(list(measurement.times), measurement.number_per_run), peak[0]
-
-
-def _time_cuda(step: Callable, first_call: Callable, settings: TimingSettings) -> Timing:
-    def timed(count: int) -> list[float]:
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
-        for start, end in pairs:
-            start.record()
-            step()
-            end.record()
         torch.cuda.synchronize()
-        return [start.elapsed_time(end) / 1e3 for start, end in pairs]
+    return result, bytes_, time.perf_counter() - started
 
-    first_call()
-    if settings.quick:
-        return Timing(timed(1), 1)
-    estimate = timed(1)[0]
-    if estimate < 0.05:  # fast: a few more warm-up calls make a better estimate
-        estimate = statistics.median(timed(5))
-    count = min(max(settings.gpu_run_time_s / max(estimate, 1e-7), settings.gpu_min_samples),
-                settings.gpu_max_samples, max(3, settings.gpu_max_run_time_s / estimate))
-    return Timing(timed(int(count)), 1)
+
+def estimate_seconds(step: Callable, device: torch.device) -> float:
+    """Seconds of one warm call: what decides block sizes and which providers are interleaved."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def time_interleaved(steps: dict[str, Callable], estimates: dict[str, float], device: torch.device,
+                     settings: TimingSettings) -> dict[str, Timing]:
+    """Seconds per call of each step, timed in rounds: every round runs one block of calls of each step, in
+    alternating order, so load that comes and goes on a shared machine hits every provider alike. Sample r of
+    every step comes from round r, so ratios can be taken round by round (paired)."""
+    names = list(steps)
+    calls = {name: 1 if settings.quick else max(1, math.ceil(settings.min_block_s / max(estimates[name], 1e-9)))
+             for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    budget = settings.gpu_row_budget_s if device.type == "cuda" else settings.row_budget_s
+    started = time.perf_counter()
+    rounds = 0
+    while True:
+        order = names if rounds % 2 == 0 else names[::-1]
+        if device.type == "cuda":
+            events = {}
+            for name in order:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(calls[name]):
+                    steps[name]()
+                end.record()
+                events[name] = (begin, end)
+            torch.cuda.synchronize()
+            for name, (begin, end) in events.items():
+                samples[name].append(begin.elapsed_time(end) / 1e3 / calls[name])
+        else:
+            for name in order:
+                begin = time.perf_counter()
+                for _ in range(calls[name]):
+                    steps[name]()
+                samples[name].append((time.perf_counter() - begin) / calls[name])
+        rounds += 1
+        if settings.quick or rounds >= settings.max_rounds:
+            break
+        if rounds >= settings.min_rounds and time.perf_counter() - started >= budget:
+            break
+    return {name: Timing(samples[name], calls[name]) for name in names}
+
+
+def time_alone(step: Callable, device: torch.device, settings: TimingSettings) -> Timing:
+    """A provider too slow to be a contender: a few calls, each its own sample."""
+    samples = 1 if settings.quick else settings.screened_samples
+    alone = dataclasses.replace(settings, min_rounds=samples, max_rounds=samples)
+    timing = time_interleaved({"alone": step}, {"alone": math.inf}, device, alone)["alone"]
+    return dataclasses.replace(timing, interleaved=False)
+
+
+def paired_speedups(baseline: Timing, timing: Timing) -> list[float]:
+    """Round-by-round ratios baseline / timing of two interleaved timings: the samples of a speedup."""
+    return [b / t for b, t in zip(baseline.times_s, timing.times_s)]
 
 
 def result_bytes(result) -> int:
@@ -241,7 +266,7 @@ def measure_ceilings(device: torch.device, dtypes: list[torch.dtype], quick: boo
     source = torch.rand(copy_size // 4, device=device)
     destination = torch.empty_like(source)
     destination.copy_(source)
-    copy_time = time_call(lambda: destination.copy_(source), device, settings)[0].median_s
+    copy_time = _median_seconds(lambda: destination.copy_(source), device, settings)
     del source, destination
     rates = {}
     for dtype in dtypes:
@@ -249,9 +274,14 @@ def measure_ceilings(device: torch.device, dtypes: list[torch.dtype], quick: boo
         b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
         c = torch.mm(a, b)
         rates[str(dtype).removeprefix("torch.")] = (2 * matmul_size ** 3 /
-                                                    time_call(lambda: torch.mm(a, b, out=c), device, settings)[0].median_s)
+                                                    _median_seconds(lambda: torch.mm(a, b, out=c), device, settings))
         del a, b, c
     return Ceilings(2 * copy_size / copy_time, copy_size, rates, matmul_size)
+
+
+def _median_seconds(step: Callable, device: torch.device, settings: TimingSettings) -> float:
+    step()
+    return time_interleaved({"step": step}, {"step": estimate_seconds(step, device)}, device, settings)["step"].median_s
 
 
 def float64_reference(scenario, inputs, with_grads: bool):
@@ -281,24 +311,18 @@ def relative_error(results, reference) -> float:
 
 
 def describe_timing(device: torch.device, settings: TimingSettings) -> str:
-    if device.type == "cuda":
-        how = ("CUDA events around each call, after warm-up calls; samples filling "
-               f"{settings.gpu_run_time_s} s ({settings.gpu_min_samples} to {settings.gpu_max_samples}, at least 3 "
-               f"within {settings.gpu_max_run_time_s} s)" if not settings.quick else
-               "CUDA events, one call after one warm-up call")
-    elif settings.quick:
-        how = ("torch.utils.benchmark.Timer.blocked_autorange(min_run_time=0): one timed call after one warm-up "
-               f"call, {torch.get_num_threads()} thread(s)")
-    else:
-        how = (f"torch.utils.benchmark.Timer.adaptive_autorange(threshold={settings.iqr_threshold}, "
-               f"min_run_time={settings.min_run_time_s}, max_run_time={settings.max_run_time_s}) at "
-               f"{torch.get_num_threads()} thread(s), its block-size estimate being the warm-up; quantiles over "
-               "its blocks")
     if settings.quick:
-        return how
-    return how + ("; consecutive calls rotate through random input sets totalling at least twice the "
-                  f"{cache_bytes(device) >> 20} MiB last-level cache (backward: only providers faster than "
-                  f"{settings.rotate_below_s * 1e3:g} ms)")
+        return "one call of each provider after its first call (quick mode)"
+    clock = "CUDA events around each block" if device.type == "cuda" else (
+        f"time.perf_counter around each block, {torch.get_num_threads()} thread(s)")
+    budget = settings.gpu_row_budget_s if device.type == "cuda" else settings.row_budget_s
+    return (f"providers of a row interleaved: rounds of one block (>= {settings.min_block_s * 1e3:g} ms) per provider "
+            f"in alternating order, {settings.min_rounds} to {settings.max_rounds} rounds (until {budget:g} s), one "
+            f"sample per block; {clock}; providers > {settings.screen_factor:g}x slower than the fastest reference "
+            f"timed alone ({settings.screened_samples} calls); speedup spread = 20th-80th percentile of round-by-round "
+            "ratios; consecutive calls rotate through random input sets totalling at least twice the "
+            f"{cache_bytes(device) >> 20} MiB last-level cache (backward: only providers faster than "
+            f"{settings.rotate_below_s * 1e3:g} ms)")
 
 
 def describe_memory(device: torch.device) -> str:

@@ -117,6 +117,17 @@ def _check(row: dict) -> str:
     return f"{'ok' if row['verified'] else 'MISMATCH'} {row['max_rel_error']:.1e}"
 
 
+def speedup_text(row: dict) -> str:
+    """"1.52x (1.40–1.61)": the speedup and its spread (20th–80th percentile of round-by-round ratios); a "?"
+    marks a speedup whose spread crosses 1.0x (not sure which is faster)."""
+    if row["speedup"] is None:
+        return "n/a"
+    text = f"{row['speedup']:.2f}x"
+    if row.get("speedup_p20") is not None and row["kind"] != BEST_REFERENCE and row.get("timing") == "interleaved":
+        text += f" ({row['speedup_p20']:.2f}–{row['speedup_p80']:.2f})"
+    return text + (" ?" if row.get("uncertain") else "")
+
+
 def _row_line(row: dict) -> str:
     name = f"**{row['provider']}**" if row["kind"] == POINTINS else row["provider"]
     if row["kind"] == BEST_REFERENCE:
@@ -126,7 +137,7 @@ def _row_line(row: dict) -> str:
     spread = f"{_milliseconds(row['p20_s'])}–{_milliseconds(row['p80_s'])}"
     memory = "n/a" if row["peak_extra_bytes"] is None else _number(row["peak_extra_bytes"] / 2 ** 20)
     return (f"| {row['scenario']} | {name} | {_milliseconds(row['median_s'])} | {spread} | {_number(row['tflops'])} "
-            f"| {_number(row['gbps'])} | {_number(row['roofline_pct'])} | {memory} | {row['speedup']:.2f}x "
+            f"| {_number(row['gbps'])} | {_number(row['roofline_pct'])} | {memory} | {speedup_text(row)} "
             f"| {_check(row)} |")
 
 
@@ -136,7 +147,9 @@ def geometric_mean(values: list[float]) -> float:
 
 def summary(rows: list[dict]) -> list[dict]:
     """Per pointins backend, dtype and mode: geometric-mean and minimum speedup over the best reference across
-    the scenarios where both were timed, and the mean % of roofline on the pointins-* scenarios."""
+    the scenarios where both were timed (with the geometric means of the rows' 20th and 80th percentile
+    speedups), the scenarios whose speedup spread crosses 1.0x, and the mean % of roofline on the pointins-*
+    scenarios."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["kind"] == POINTINS and row["status"] == "ok" and row["speedup"] is not None:
@@ -147,6 +160,9 @@ def summary(rows: list[dict]) -> list[dict]:
         pointins_rows = [row["roofline_pct"] for row in group if row["scenario"].startswith("pointins-")]
         lines.append(dict(provider=provider, dtype=dtype, mode=mode, scenarios=len(group),
                           geomean_speedup=geometric_mean([row["speedup"] for row in group]),
+                          geomean_speedup_p20=geometric_mean([row["speedup_p20"] for row in group]),
+                          geomean_speedup_p80=geometric_mean([row["speedup_p80"] for row in group]),
+                          uncertain=[row["scenario"] for row in group if row["uncertain"]],
                           min_speedup=worst["speedup"], min_speedup_scenario=worst["scenario"],
                           mean_roofline_pct_pointins=(sum(pointins_rows) / len(pointins_rows)
                                                       if pointins_rows else None)))
@@ -173,10 +189,16 @@ def markdown(rows: list[dict], info: dict, ceilings, settings: dict) -> str:
     lines = summary(rows)
     if lines:
         out += ["### Speedup of each pointins backend over the best reference", "",
-                "| backend | dtype | mode | geomean speedup | min speedup (scenario) | mean % roofline, pointins-* |",
-                "|---|---|---|---|---|---|"]
+                "Speedups are medians of interleaved timings; in brackets the geometric means of the rows' 20th and "
+                "80th percentile round-by-round ratios. *Uncertain*: rows whose spread crosses 1.0x (marked ? below).",
+                "",
+                "| backend | dtype | mode | geomean speedup (p20–p80) | min speedup (scenario) | uncertain "
+                "| mean % roofline, pointins-* |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {line['provider']} | {line['dtype']} | {line['mode']} | {line['geomean_speedup']:.2f}x "
+                f"({line['geomean_speedup_p20']:.2f}–{line['geomean_speedup_p80']:.2f}) "
                 f"| {line['min_speedup']:.2f}x ({line['min_speedup_scenario']}) "
+                f"| {', '.join(line['uncertain']) or 'none'} "
                 f"| {_number(line['mean_roofline_pct_pointins'])} |" for line in lines]
         out.append("")
     sections: dict[tuple, list[dict]] = {}
@@ -205,7 +227,7 @@ def _model_line(row: dict) -> str:
     if row["status"] != "ok":
         return f"{head} {row['status']} | | | | {_check(row)} |"
     memory = "n/a" if row["peak_extra_bytes"] is None else _number(row["peak_extra_bytes"] / 2 ** 20)
-    speedup = "n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+    speedup = speedup_text(row)
     return (f"{head} {_milliseconds(row['median_s'])} | {_milliseconds(row['p20_s'])}–{_milliseconds(row['p80_s'])} "
             f"| {memory} | {speedup} | {_check(row)} |")
 

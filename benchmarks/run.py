@@ -1,16 +1,18 @@
-"""The benchmark loop: for each scenario, dtype and provider, check the output, then time each mode.
+"""The benchmark loop: for each scenario and dtype, check every provider's output, then time each mode.
 
 Every provider's forward (and, when a backward mode is asked for, its gradients) is compared with a float64
 reference on the first input set before it is timed; a provider that does not match gets a row saying so
-and is not timed. Each timed row then gets its derived columns (TFLOP/s, GB/s, % of roofline) and, once all
-providers of a (scenario, dtype, mode) are in, the "best reference" row and every row's speedup over it.
+and is not timed. The providers of a (scenario, dtype, mode) are then timed together, interleaved (see
+measure.py); each timed row gets its derived columns (TFLOP/s, GB/s, % of roofline), the "best reference"
+row is the fastest reference, and every row gets its speedup over it with the spread of the round-by-round
+ratios.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -23,12 +25,13 @@ from .scenarios import Scenario, input_seed
 COLUMNS = [
     "device", "scale", "scenario", "dtype", "mode", "provider", "kind", "status", "verified", "max_rel_error",
     "median_s", "p20_s", "p80_s", "samples", "calls_per_sample", "input_sets", "flops", "min_bytes", "tflops",
-    "gbps", "roofline_floor_s", "roofline_pct", "peak_extra_bytes", "speedup", "best_reference",
+    "gbps", "roofline_floor_s", "roofline_pct", "peak_extra_bytes", "speedup", "speedup_p20", "speedup_p80",
+    "uncertain", "best_reference", "timing",
     "templates_shape", "weight_shape", "output_shape", "bias", "padding", "groups", "index",
 ]
 # What an "ok" row must have filled in (peak_extra_bytes too, unless memory cannot be measured here).
 TIMED_COLUMNS = ["median_s", "p20_s", "p80_s", "samples", "tflops", "gbps", "roofline_floor_s", "roofline_pct",
-                 "speedup", "best_reference"]
+                 "speedup", "speedup_p20", "speedup_p80", "uncertain", "best_reference", "timing"]
 
 
 @dataclasses.dataclass
@@ -168,94 +171,117 @@ def guarded(device: torch.device, work: Callable):
     return None, status
 
 
-def benchmark_provider(config: Config, scenario: Scenario, dtype: torch.dtype, provider: Provider,
-                       input_sets: InputSets, reference, ceilings: measure.Ceilings,
-                       progress: Progress) -> list[dict]:
-    """The rows of one provider on one scenario and dtype, one per mode.
+def add_speedups(rows: list[dict], timings: dict[str, measure.Timing], baseline_name: str,
+                 baseline_label: str) -> None:
+    """Every timed row's speedup over the baseline provider (median over median), and, when both were
+    interleaved, its spread (20th / 80th percentile of round-by-round ratios) and whether that crosses 1.0x."""
+    baseline = timings[baseline_name]
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        timing = timings[row["provider"]]
+        row["speedup"] = baseline.median_s / timing.median_s
+        row["best_reference"] = baseline_label
+        if timing.interleaved and baseline.interleaved:
+            ratios = measure.paired_speedups(baseline, timing)
+            row["speedup_p20"] = measure.quantile(ratios, 0.2)
+            row["speedup_p80"] = measure.quantile(ratios, 0.8)
+        else:
+            row["speedup_p20"] = row["speedup_p80"] = row["speedup"]
+        row["uncertain"] = row["speedup_p20"] < 1.0 < row["speedup_p80"] if row["provider"] != baseline_name else False
 
-    The provider's forward+backward (forward alone if no backward mode is asked for) on the first input set
-    is compared with the float64 reference before anything is timed. When that mode is to be timed, the
-    check rides on its first, untimed call (the warm-up both timers make); otherwise it is a call of its own.
+
+def benchmark_group(config: Config, scenario: Scenario, dtype: torch.dtype, providers: list[Provider],
+                    input_sets: InputSets, reference, ceilings: measure.Ceilings, progress: Progress) -> list[dict]:
+    """Every provider's rows (one per mode) of one scenario and dtype, and one "best reference" row per mode.
+
+    Each provider's forward+backward (forward alone if no backward mode is asked for) on the first input set is
+    compared with the float64 reference before anything is timed; a provider that does not match is reported and
+    not timed. Then, mode by mode, the providers that passed are timed together (measure.time_interleaved).
     """
     rows = {}
-    for mode in config.modes:
-        rows[mode] = dict.fromkeys(COLUMNS)
-        rows[mode].update(_shape_columns(config, scenario, dtype, mode), provider=provider.name, kind=provider.kind,
-                          flops=scenario.flops(mode), min_bytes=scenario.min_bytes(mode, dtype))
+    for provider in providers:
+        for mode in config.modes:
+            row = dict.fromkeys(COLUMNS)
+            row.update(_shape_columns(config, scenario, dtype, mode), provider=provider.name, kind=provider.kind,
+                       flops=scenario.flops(mode), min_bytes=scenario.min_bytes(mode, dtype))
+            rows[provider.name, mode] = row
     check_mode = "forward+backward" if any(mode != "forward" for mode in config.modes) else "forward"
-    checked = {}
+    tolerance = measure.VERIFY_TOL[dtype]
+    checked, failures = {}, {}
 
-    def check(results, seconds):
-        results = (results,) if isinstance(results, torch.Tensor) else results
-        checked.update(error=measure.relative_error(results, reference), seconds=seconds)
-        if not checked["error"] <= measure.VERIFY_TOL[dtype]:
-            raise Mismatch(f"mismatch: relative error {checked['error']:.3g} > {measure.VERIFY_TOL[dtype]:g}")
-
-    def passed() -> bool:
-        return "error" in checked and checked["error"] <= measure.VERIFY_TOL[dtype]
-
-    def check_alone():
+    def check(provider: Provider) -> None:
         step = make_step(check_mode, provider, scenario, input_sets.get(1)[0])
-        started = time.perf_counter()
-        results = step()
-        if config.device.type == "cuda":
-            torch.cuda.synchronize()
-        check(results, time.perf_counter() - started)
+        results, _, seconds = measure.first_call(step, config.device)
+        results = (results,) if isinstance(results, torch.Tensor) else results
+        error = measure.relative_error(results, reference)
+        checked[provider.name] = dict(error=error, seconds=seconds)
+        if not error <= tolerance:
+            raise Mismatch(f"mismatch: relative error {error:.3g} > {tolerance:g}")
 
-    failure = None
-    if check_mode not in rows:
-        _, failure = guarded(config.device, check_alone)
-    order = [check_mode] * (check_mode in rows) + [mode for mode in config.modes if mode != check_mode]
-    for mode in order:
-        row = rows[mode]
-        progress.step(f"{scenario.name} {row['dtype']} {provider.name} {mode}")
-        if failure is not None:
-            row["status"] = failure
-            continue
-        # Each set of the backward mode holds a forward graph built up front: only fast providers rotate there.
-        rotate = mode != "backward" or checked["seconds"] < config.timing.rotate_below_s
-        sets = input_sets.get(measure.input_set_count(input_sets.set_bytes, config.device, config.timing)
-                              if rotate else 1)
-        row["input_sets"] = len(sets)
+    for provider in providers:
+        _, failures[provider.name] = guarded(config.device, lambda: check(provider))
+    for (name, _), row in rows.items():
+        row.update(verified=name in checked and checked[name]["error"] <= tolerance,
+                   max_rel_error=checked.get(name, {}).get("error"))
 
-        def time_mode(mode=mode, sets=sets):
-            steps = [make_step(mode, provider, scenario, inputs) for inputs in sets]
-            return measure.time_call(measure.rotate(steps), config.device, config.timing,
-                                     on_first_call=check if mode == check_mode else None)
-
-        measured, status = guarded(config.device, time_mode)
-        if status is not None:
-            row["status"] = status
-            if not passed():  # the check failed or did not finish: nothing else is timed
-                failure = status
-            continue
-        timing, row["peak_extra_bytes"] = measured
-        row.update(status="ok", **timing.columns())
-        _derived(row, ceilings)
-    for row in rows.values():
-        row.update(verified=passed(), max_rel_error=checked.get("error"))
-    return list(rows.values())
-
-
-def add_best_reference(rows: list[dict]) -> list[dict]:
-    """Per (scenario, dtype, mode): a "best reference" row (the fastest reference that matched) and every
-    row's speedup over it. Returns the new rows."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["device"], row["scenario"], row["dtype"], row["mode"]), []).append(row)
     best_rows = []
-    for group in groups.values():
-        timed = [row for row in group if row["kind"] == REFERENCE and row["status"] == "ok"]
-        if not timed:
-            continue
-        best = min(timed, key=lambda row: row["median_s"])
-        best_row = dict(best, provider=BEST_REFERENCE, kind=BEST_REFERENCE)
-        for row in group + [best_row]:
-            if row["status"] == "ok":
-                row["speedup"] = best["median_s"] / row["median_s"]
-                row["best_reference"] = best["provider"]
-        best_rows.append(best_row)
-    return best_rows
+    for mode in config.modes:
+        steps, estimates, alone = {}, {}, []
+        for provider in providers:
+            row = rows[provider.name, mode]
+            progress.step(f"{scenario.name} {row['dtype']} {provider.name} {mode}")
+            if failures[provider.name] is not None:
+                row["status"] = failures[provider.name]
+                continue
+            # Each set of the backward mode holds a forward graph built up front: only fast providers rotate there.
+            rotate = mode != "backward" or checked[provider.name]["seconds"] < config.timing.rotate_below_s
+            sets = input_sets.get(measure.input_set_count(input_sets.set_bytes, config.device, config.timing)
+                                  if rotate else 1)
+            row["input_sets"] = len(sets)
+
+            def prepare(provider=provider, sets=sets):
+                step = measure.rotate([make_step(mode, provider, scenario, inputs) for inputs in sets])
+                _, peak, _ = measure.first_call(step, config.device)
+                return step, peak, measure.estimate_seconds(step, config.device)
+
+            prepared, status = guarded(config.device, prepare)
+            if status is not None:
+                row["status"] = status
+                continue
+            steps[provider.name], row["peak_extra_bytes"], estimates[provider.name] = prepared
+        references = [p.name for p in providers if p.kind == REFERENCE and p.name in steps]
+        fastest = min((estimates[name] for name in references), default=math.inf)
+        contenders = {name: step for name, step in steps.items()
+                      if estimates[name] <= config.timing.screen_factor * fastest or name not in references}
+        timings, status = guarded(config.device, lambda: measure.time_interleaved(
+            contenders, estimates, config.device, config.timing))
+        timings = timings or {}
+        for name, step in steps.items():
+            if name in contenders:
+                continue
+            timing, alone_status = guarded(config.device, lambda: measure.time_alone(step, config.device,
+                                                                                     config.timing))
+            if timing is not None:
+                timings[name] = timing
+            else:
+                rows[name, mode]["status"] = alone_status
+        for name in steps:
+            row = rows[name, mode]
+            if name in timings:
+                row.update(status="ok", **timings[name].columns())
+                _derived(row, ceilings)
+            elif row["status"] is None:
+                row["status"] = status or "not timed"
+        mode_rows = [rows[p.name, mode] for p in providers]
+        timed_references = [name for name in references if name in timings]
+        if timed_references:
+            best = min(timed_references, key=lambda name: timings[name].median_s)
+            best_row = dict(rows[best, mode], provider=BEST_REFERENCE, kind=BEST_REFERENCE)
+            add_speedups(mode_rows, timings, best, best)
+            best_row.update(speedup=1.0, speedup_p20=1.0, speedup_p80=1.0, uncertain=False, best_reference=best)
+            best_rows.append(best_row)
+    return [row for row in rows.values()] + best_rows
 
 
 def run(config: Config, model=None) -> tuple[list[dict], measure.Ceilings]:
@@ -274,15 +300,12 @@ def run(config: Config, model=None) -> tuple[list[dict], measure.Ceilings]:
                 input_sets = InputSets(scenario, dtype, config.device)
                 with_grads = any(mode != "forward" for mode in config.modes)
                 reference = measure.float64_reference(scenario, input_sets.get(1)[0], with_grads)
-                group = []
-                for provider in config.providers:
-                    if provider.applies_to(scenario):
-                        group += benchmark_provider(config, scenario, dtype, provider, input_sets, reference,
-                                                    ceilings, progress)
+                providers = [p for p in config.providers if p.applies_to(scenario)]
+                group = benchmark_group(config, scenario, dtype, providers, input_sets, reference, ceilings, progress)
                 del input_sets, reference
                 if config.device.type == "cuda":
                     torch.cuda.empty_cache()
-                rows += _ordered(group + add_best_reference(group), config.modes)
+                rows += _ordered(group, config.modes)
         if model is not None:
             rows += model.rows(config, progress)
     finally:

@@ -1,6 +1,8 @@
 // The op's schema and its shared input checks. Kernels are registered per device in cpu/ and cuda/.
 #include "instance_aware_conv.h"
 
+#include "cpu/gemm.h"
+
 #include <Python.h>
 #include <torch/library.h>
 
@@ -132,10 +134,28 @@ TORCH_LIBRARY(pointins_ops, m) {
 
 }  // namespace pointins_ops
 
-// An importable (empty) Python module: importing pointins_ops._C loads this library, whose static
-// initializers register the op and its kernels with the dispatcher.
+// An importable Python module: importing pointins_ops._C loads this library, whose static initializers register
+// the op and its kernels with the dispatcher. Its one function names the CPU kernels' micro-kernel family.
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(pointins_ops::cpu::isa_name(pointins_ops::cpu::active_isa()));
+  } catch (const std::exception& error) {  // a bad POINTINS_CPU_ISA
+    PyErr_SetString(PyExc_ValueError, error.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The micro-kernel family the CPU kernels use now: amx (bfloat16 only), avx512, avx2 or generic."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "pointins_ops kernels (registered with torch.library)",
-                               -1, nullptr};
+                               -1, methods};
   return PyModule_Create(&module);
 }

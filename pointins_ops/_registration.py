@@ -1,7 +1,8 @@
-"""Fake (meta) and autograd registrations shared by the op's registered implementations.
+"""Fake (meta) registrations shared by the op's registered implementations, and the Triton op's autograd.
 
-The compiled op ``pointins_ops::instance_aware_conv`` (CPU and CUDA kernels) and the Triton op register the
-same autograd formula: a separate backward op that returns grad_templates, grad_weight and grad_bias.
+The compiled op ``pointins_ops::instance_aware_conv`` (CPU and CUDA kernels) has its autograd in C++
+(``csrc/autograd/``); the Triton op registers the same formula here: a separate backward op that returns
+grad_templates, grad_weight and grad_bias.
 """
 
 from __future__ import annotations

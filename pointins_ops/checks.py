@@ -23,6 +23,16 @@ def _pair(value, name: str) -> tuple[int, int]:
     return items
 
 
+def _mixed_dtypes_hint(templates: torch.Tensor) -> str:
+    """How mixed dtypes come about and go away, for the dtype errors (the public function has already applied
+    autocast's casts when it checks)."""
+    if torch.is_autocast_enabled(templates.device.type):
+        return (f" (torch.autocast casts the inputs to {torch.get_autocast_dtype(templates.device.type)} as it "
+                "casts F.conv2d's, but leaves float64 tensors as they are)")
+    return (" (outside torch.autocast the inputs must share one dtype; inside it they are cast as F.conv2d's "
+            "are)")
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """The output length of a convolution along one axis, as ``torch.nn.functional.conv2d`` computes it."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
@@ -56,10 +66,10 @@ def check_instance_aware_conv_inputs(templates, weight, bias, index, stride, pad
                         f"got {templates.dtype}")
     if weight.dtype != templates.dtype:
         raise TypeError(f"instance_aware_conv: weight.dtype must equal templates.dtype ({templates.dtype}); "
-                        f"got {weight.dtype}")
+                        f"got {weight.dtype}{_mixed_dtypes_hint(templates)}")
     if bias is not None and bias.dtype != templates.dtype:
         raise TypeError(f"instance_aware_conv: bias.dtype must equal templates.dtype ({templates.dtype}); "
-                        f"got {bias.dtype}")
+                        f"got {bias.dtype}{_mixed_dtypes_hint(templates)}")
     for name, tensor in (("weight", weight), ("bias", bias), ("index", index)):
         if tensor is not None and tensor.device != templates.device:
             raise ValueError(f"instance_aware_conv: {name} must be on templates' device ({templates.device}); "
@@ -110,9 +120,16 @@ def check_instance_aware_conv_inputs(templates, weight, bias, index, stride, pad
             raise TypeError(f"instance_aware_conv: index must be int32 or int64; got {index.dtype}")
         if index.dim() != 1 or index.shape[0] != N:
             raise ValueError(f"instance_aware_conv: index must have shape (N,) = ({N},); got {tuple(index.shape)}")
-        if check_index_values and N > 0:
-            low, high = torch.stack(torch.aminmax(index)).tolist()  # one device sync
-            if low < 0 or high >= P:
-                bad = low if low < 0 else high
-                raise IndexError(f"instance_aware_conv: index values must lie in [0, P) = [0, {P}); got {bad}")
+        if check_index_values:
+            check_index_values_in_range(index, P)
     return stride, padding, dilation, groups
+
+
+def check_index_values_in_range(index: torch.Tensor, P: int) -> None:
+    """IndexError unless every value of ``index`` lies in [0, P). Reads the data: one device sync on CUDA."""
+    if index.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    if low < 0 or high >= P:
+        bad = low if low < 0 else high
+        raise IndexError(f"instance_aware_conv: index values must lie in [0, P) = [0, {P}); got {bad}")

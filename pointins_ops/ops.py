@@ -7,9 +7,10 @@ import warnings
 
 import torch
 
-from . import reference
-from ._registration import register_conv_autograd, register_fakes
-from .checks import check_instance_aware_conv_inputs
+from . import export, reference
+from ._registration import register_fakes
+from .autocast import autocast_inputs
+from .checks import check_index_values_in_range, check_instance_aware_conv_inputs
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 BACKEND_ENV = "POINTINS_OPS_BACKEND"
@@ -21,9 +22,8 @@ except ImportError as error:  # the package was installed without building its e
     _C_IMPORT_ERROR = error
 else:
     _C_IMPORT_ERROR = None
+    # Autograd of the compiled op is registered in C++ (csrc/autograd/); the fakes are shape functions.
     register_fakes("pointins_ops::instance_aware_conv", "pointins_ops::instance_aware_conv_backward")
-    register_conv_autograd("pointins_ops::instance_aware_conv",
-                           torch.ops.pointins_ops.instance_aware_conv_backward.default)
 
 
 # Fixed once the library is loaded; kept as plain data so torch.compile traces the backend choice freely.
@@ -105,8 +105,8 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
             raise TypeError("instance_aware_conv: backend='triton' supports float16, bfloat16 and float32; got "
                             "torch.float64 (use backend='cuda', 'cpu' or 'torch')")
         if not _triton_serves(device):
-            raise RuntimeError(f"instance_aware_conv: backend='triton' cannot run tensors on {device}: Triton needs "
-                               "a CUDA device, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
+            why = _triton_backend.unavailable_reason() if _triton_backend is not None else "no Triton backend"
+            raise RuntimeError(f"instance_aware_conv: backend='triton' cannot run tensors on {device}: {why}")
     return backend
 
 
@@ -139,12 +139,19 @@ def instance_aware_conv(templates: torch.Tensor, weight: torch.Tensor, bias: tor
     """
     # Reading index values needs the data, so under torch.compile and while a CUDA graph is being captured
     # the host check is skipped: the C++ CPU kernel then raises, the CUDA and Triton kernels never read an
-    # out-of-range template and fill that instance's output rows with NaN.
+    # out-of-range template and fill that instance's output rows with NaN. The C++ CPU kernel checks the values
+    # itself as it buckets the instances (the same IndexError), so it never needs the host check.
     check_values = not torch.compiler.is_compiling() and not (
         isinstance(templates, torch.Tensor) and templates.is_cuda and torch.cuda.is_current_stream_capturing())
+    templates, weight, bias = autocast_inputs(templates, weight, bias)  # as F.conv2d's; a no-op outside autocast
     stride, padding, dilation, groups = check_instance_aware_conv_inputs(
-        templates, weight, bias, index, stride, padding, dilation, groups, check_index_values=check_values)
+        templates, weight, bias, index, stride, padding, dilation, groups, check_index_values=False)
     chosen = _resolve_backend(backend, templates.device, templates.dtype)
+    if check_values and index is not None and chosen != "cpu":
+        check_index_values_in_range(index, templates.shape[0])
+    if not check_values and export.is_onnx_exporting():  # standard ONNX ops, dynamic sizes (see export.py)
+        return export.instance_aware_conv_exportable(templates, weight, bias, index, stride=stride, padding=padding,
+                                                     dilation=dilation, groups=groups)
     if chosen in ("cpu", "cuda"):
         return torch.ops.pointins_ops.instance_aware_conv(templates, weight, bias, index, stride, padding, dilation,
                                                           groups)

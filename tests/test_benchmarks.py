@@ -178,3 +178,44 @@ def test_operation_counts_and_scaling():
     assert (condinst.P, condinst.N) == (1, 32)
     infer = SCENARIOS["pointins-infer"].scaled("quick")
     assert infer.N == infer.P >= 1
+
+
+def test_default_output_is_a_new_run_folder_not_the_committed_tables():
+    committed = ROOT / "benchmarks" / "results" / "cpu"
+    before = {path.name: path.read_bytes() for path in committed.glob("*")} if committed.exists() else {}
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    process = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-progress", "--no-plot",
+                              "--scenario", "pointins-infer", "--dtype", "float32", "--mode", "forward"],
+                             cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-4000:]
+    folder = Path(process.stderr.strip().splitlines()[-1].removeprefix("results: "))
+    assert folder.parent == ROOT / "benchmarks" / "results" / "local" and folder.name.startswith("cpu-")
+    assert (folder / "results.json").exists()
+    after = {path.name: path.read_bytes() for path in committed.glob("*")} if committed.exists() else {}
+    assert after == before
+
+
+def test_interleaved_timing_alternates_and_pairs_rounds():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    settings = measure.TimingSettings(min_block_s=0.0, min_rounds=4, max_rounds=4)
+    timings = measure.time_interleaved(steps, {name: 1.0 for name in steps}, torch.device("cpu"), settings)
+    # One call per block, four rounds, the order reversed every other round.
+    assert calls == list("abc" "cba" "abc" "cba")
+    assert all(len(timing.times_s) == 4 and timing.interleaved for timing in timings.values())
+
+
+def test_speedup_spread_and_uncertainty_come_from_paired_rounds():
+    from benchmarks.run import add_speedups
+
+    baseline = measure.Timing([2.0, 2.0, 2.0, 2.0, 2.0], 1)
+    clear = measure.Timing([1.0, 1.0, 1.1, 1.0, 0.9], 1)        # about 2x faster in every round
+    unsure = measure.Timing([1.8, 2.2, 1.9, 2.1, 2.0], 1)       # faster in some rounds, slower in others
+    rows = [dict(provider=name, kind=POINTINS, status="ok") for name in ("clear", "unsure")]
+    rows.append(dict(provider="base", kind=REFERENCE, status="ok"))
+    add_speedups(rows, dict(clear=clear, unsure=unsure, base=baseline), "base", "base")
+    by_name = {row["provider"]: row for row in rows}
+    assert by_name["clear"]["speedup"] == pytest.approx(2.0) and not by_name["clear"]["uncertain"]
+    assert by_name["clear"]["speedup_p20"] > 1.0
+    assert by_name["unsure"]["uncertain"] and by_name["unsure"]["speedup_p20"] < 1.0 < by_name["unsure"]["speedup_p80"]
+    assert by_name["base"]["speedup"] == 1.0 and not by_name["base"]["uncertain"]

@@ -1,18 +1,31 @@
 // CPU kernels of instance_aware_conv: forward, and one backward giving grad_templates, grad_weight, grad_bias.
 //
-// Instances are bucketed by template (a stable counting sort), so each template's columns (its im2col,
-// built one tile of output pixels at a time, never for the whole template) serve every instance that uses
-// it, and every pass is a small GEMM on those tiles (tile_gemm.h):
-//   forward         out[instances' rows, pixels]   = weight[rows, K]            x columns[K, pixels]
-//   grad_weight     grad_w[rows, K]               += grad_out[rows, pixels]     x columns[K, pixels]^T
-//   grad_templates  grad_columns[K, pixels]        = weight[rows, K]^T          x grad_out[rows, pixels]
-//                   then scattered back onto the template (col2im).
-// Each work unit owns a disjoint piece of every output it writes and sums in a fixed order, so results
-// are bitwise identical run to run and for any thread count. Accumulation is in at::opmath_type (float32
-// for float16/bfloat16/float32, float64 for float64). Extra memory: per-thread tiles in the forward; in
-// the backward also one unit's slice of grad_weight / grad_templates in the accumulation type.
+// Instances are bucketed by template (a stable counting sort), so one template's columns serve every
+// instance that uses it: that sharing is what no per-instance formulation can do. Two families of kernels:
+//
+// * GEMM (every case with more than one input channel per group). Per template, group and tile of output
+//   pixels, the columns are the template's own rows (1x1 kernel, stride 1, no padding: nothing is copied) or
+//   its im2col tile, and every pass is one product on the GEMM engine (gemm.h), which packs its operands
+//   straight from row pointers:
+//     forward         out[rows, pixels]     = weight[rows, K]          x columns[K, pixels]   (+ bias)
+//     grad_weight     grad_w[rows, K]      += grad_out[rows, pixels]   x columns[K, pixels]^T
+//     grad_templates  grad_columns[K, px]   = weight[rows, K]^T        x grad_out[rows, pixels]
+//                     then added back onto the template (col2im), or written directly in the 1x1 case.
+//   "rows" are the (instance, output channel) pairs of one template's instances within one group.
+// * Direct (depthwise: one input channel per group): per template and channel, a zero-padded copy of the
+//   channel serves all of its instances; each output is a few shifted multiply-adds over that plane.
+//
+// Determinism: every work unit owns a disjoint piece of each output, and every sum runs in an order fixed by
+// the shapes alone (grad_weight's long pixel reductions are split into chunks whose float32 partial sums
+// are added in chunk order), so results are bitwise identical run to run and for any thread count, for a
+// given micro-kernel family (gemm.h). Accumulation is in at::opmath_type (float32 for float16, bfloat16
+// and float32; float64 for float64).
+//
+// Extra memory: per thread, the engine's packed operands and one tile of C (at most kRowBlock rows of
+// kPixelTile pixels), an im2col tile, and for grad_templates one channel block of the template in the
+// accumulation type; grad_weight's chunk partials add (chunks - 1) copies of grad_weight and grad_bias in the
+// accumulation type when a template's pixels are split (more than kChunkPixels of them).
 #include "../instance_aware_conv.h"
-#include "tile_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,27 +34,49 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <vector>
+
+#include "convert.h"
+#include "gemm.h"
 
 namespace pointins_ops {
 namespace {
 
-constexpr int64_t kPixelTile = 256;         // output pixels per column tile
-constexpr int64_t kInstancesPerChunk = 8;   // instances of one template handled by one work unit
-constexpr int64_t kGradColumnRows = 72;     // rows (channel x kernel tap) of one grad_templates work unit
-constexpr int64_t kReductionRows = 256;     // grad_output rows gathered at once for grad_templates
-constexpr int64_t kTaskFlops = 1 << 18;     // least work (multiply-adds) worth handing to another thread
+using cpu::columns_of;
+using cpu::from_acc;
+using cpu::load_row;
+using cpu::round_up;
+using cpu::rows_of;
+using cpu::Scratch;
+using cpu::store_row;
+using cpu::to_acc;
+
+constexpr int64_t kRowBlock = 256;       // GEMM rows (instance x channel) per product
+constexpr int64_t kPixelTile = 256;      // output pixels per column tile (fewer when K is long)
+constexpr int64_t kChunkPixels = 1024;   // grad_weight reduces at most this many pixels per partial sum
+constexpr int64_t kColumnRows = 256;     // rows of grad_columns (channels x taps) per grad_templates unit
+constexpr int64_t kTaskFlops = 1 << 17;  // least work (multiply-adds) worth handing to another thread
+constexpr int64_t kLanes = 16;           // fixed-width partial sums for the reductions the GEMM does not do
+constexpr int64_t kFarRows = 16384;      // template channels more elements apart than this are packed first ...
+constexpr int64_t kFarPixelTile = 2048;  // ... and read in tiles of up to this many pixels
 
 // The grain for at::parallel_for: small problems run on the calling thread instead of paying for a
-// parallel region (whose barrier costs more than the work when the other cores are busy).
-int64_t grain_for(int64_t flops_per_unit) { return std::max<int64_t>(1, kTaskFlops / std::max<int64_t>(flops_per_unit, 1)); }
+// parallel region.
+int64_t grain_for(int64_t flops_per_unit) {
+  return std::max<int64_t>(1, kTaskFlops / std::max<int64_t>(flops_per_unit, 1));
+}
 
+// ---------------------------------------------------------------------------------------------------------
 // Instances grouped by template: order[offsets[p] .. offsets[p + 1]) are template p's instances in
-// increasing instance order.
+// increasing instance order; used lists the templates with at least one instance.
+
 struct TemplateBuckets {
   std::vector<int64_t> offsets;
   std::vector<int64_t> order;
+  std::vector<int64_t> used;
+  int64_t count(int64_t p) const { return offsets[p + 1] - offsets[p]; }
 };
 
 template <typename index_t>
@@ -49,15 +84,13 @@ void fill_buckets(const index_t* index, const ConvGeometry& g, TemplateBuckets& 
   std::vector<int64_t> counts(g.P + 1, 0);
   for (int64_t n = 0; n < g.N; ++n) {
     const int64_t p = static_cast<int64_t>(index[n]);
-    TORCH_CHECK_INDEX(p >= 0 && p < g.P, "instance_aware_conv: index values must lie in [0, P) = [0, ", g.P,
-                      "); got ", p, " at position ", n);
+    TORCH_CHECK_INDEX(p >= 0 && p < g.P, "instance_aware_conv: index values must lie in [0, P) = [0, ", g.P, "); got ",
+                      p, " at position ", n);
     ++counts[p + 1];
   }
   std::partial_sum(counts.begin(), counts.end(), counts.begin());
   buckets.offsets = counts;
-  for (int64_t n = 0; n < g.N; ++n) {
-    buckets.order[counts[static_cast<int64_t>(index[n])]++] = n;
-  }
+  for (int64_t n = 0; n < g.N; ++n) buckets.order[counts[static_cast<int64_t>(index[n])]++] = n;
 }
 
 TemplateBuckets bucket_instances(const std::optional<at::Tensor>& index, const ConvGeometry& g) {
@@ -67,32 +100,102 @@ TemplateBuckets bucket_instances(const std::optional<at::Tensor>& index, const C
     buckets.offsets.resize(g.P + 1);
     std::iota(buckets.offsets.begin(), buckets.offsets.end(), int64_t{0});
     std::iota(buckets.order.begin(), buckets.order.end(), int64_t{0});
-    return buckets;
-  }
-  const at::Tensor contiguous = index->contiguous();
-  if (contiguous.scalar_type() == at::kInt) {
-    fill_buckets(contiguous.data_ptr<int32_t>(), g, buckets);
   } else {
-    fill_buckets(contiguous.data_ptr<int64_t>(), g, buckets);
+    const at::Tensor contiguous = index->contiguous();
+    if (contiguous.scalar_type() == at::kInt) {
+      fill_buckets(contiguous.const_data_ptr<int32_t>(), g, buckets);
+    } else {
+      fill_buckets(contiguous.const_data_ptr<int64_t>(), g, buckets);
+    }
+  }
+  for (int64_t p = 0; p < g.P; ++p) {
+    if (buckets.count(p) > 0) buckets.used.push_back(p);
   }
   return buckets;
 }
 
-// A run of at most kInstancesPerChunk instances that share one template: positions [begin, end) of order.
-struct InstanceChunk {
-  int64_t template_id;
-  int64_t begin;
-  int64_t end;
+// The GEMM rows of one template's instances within group gi: row m is output channel
+// gi * C_out_per_group + m % C_out_per_group of instance order[begin + m / C_out_per_group]. Its flat row in
+// any (N * C_out, length) tensor is row(m).
+struct BucketRows {
+  const TemplateBuckets& buckets;
+  const ConvGeometry& g;
+  int64_t p, gi;
+
+  int64_t count() const { return buckets.count(p) * g.C_out_per_group; }
+  int64_t row(int64_t m) const {
+    const int64_t n = buckets.order[buckets.offsets[p] + m / g.C_out_per_group];
+    return n * g.C_out + gi * g.C_out_per_group + m % g.C_out_per_group;
+  }
+  // Pointers to rows [m0, m0 + M) of a row-major (N * C_out, length) array.
+  template <typename T>
+  void pointers(T* base, int64_t length, int64_t m0, int64_t M, std::vector<T*>& out) const {
+    out.resize(M);
+    for (int64_t m = 0; m < M; ++m) out[m] = base + row(m0 + m) * length;
+  }
 };
 
-std::vector<InstanceChunk> chunk_instances(const TemplateBuckets& buckets, int64_t P) {
-  std::vector<InstanceChunk> chunks;
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t begin = buckets.offsets[p]; begin < buckets.offsets[p + 1]; begin += kInstancesPerChunk) {
-      chunks.push_back({p, begin, std::min(begin + kInstancesPerChunk, buckets.offsets[p + 1])});
+// ---------------------------------------------------------------------------------------------------------
+// The GEMMs' pixel axis and their columns.
+//
+// With stride 1 the columns are shifted views of the template's channel planes (zero-padded copies when
+// there is padding, the template itself otherwise): column row (c, kh, kw) at position q is
+// plane_c[q + kh * dilation_h * pitch + kw * dilation_w], and output pixel (oh, ow) sits at q = oh * pitch + ow.
+// Nothing like an im2col is built; the pitch - W_out positions past each output row ("gaps") are computed
+// with the rest and dropped (grad_output is zero there). With a larger stride the columns are an im2col tile
+// and q is the output pixel itself.
+
+struct PixelSpace {
+  bool planes;     // stride 1: columns are shifted plane rows
+  bool padded;     // planes: the channels are copied into zero-padded planes (else the template serves)
+  int64_t pitch;   // positions per output row (W_out for im2col)
+  int64_t height;  // rows of a (padded) plane
+  int64_t span;    // positions q in all
+  int64_t W_out;
+
+  PixelSpace(const ConvGeometry& g, const at::Tensor& templates) : W_out(g.W_out) {
+    planes = g.stride_h == 1 && g.stride_w == 1;
+    const bool pad = g.pad_h != 0 || g.pad_w != 0;
+    padded = planes && (pad || (g.H * g.W > 1 && (templates.stride(3) != 1 || templates.stride(2) != g.W)));
+    pitch = planes ? g.W + 2 * g.pad_w : g.W_out;
+    height = planes ? g.H + 2 * g.pad_h : g.H_out;
+    span = (g.H_out - 1) * pitch + g.W_out;
+  }
+  bool gaps() const { return pitch != W_out; }
+  // The first output pixel at or after position q.
+  int64_t pixel_at(int64_t q) const { return (q / pitch) * W_out + std::min(q % pitch, W_out); }
+  // The runs of output pixels among positions [q0, q1): position q, its pixel, and the run's length.
+  struct Run {
+    int64_t q, pixel, length;
+  };
+  void runs(int64_t q0, int64_t q1, std::vector<Run>& out) const {
+    out.clear();
+    if (!gaps()) {  // positions are pixels: one run
+      if (q1 > q0) out.push_back({q0, q0, q1 - q0});
+      return;
+    }
+    for (int64_t q = q0; q < q1;) {
+      const int64_t ow = q % pitch;
+      if (ow >= W_out) {
+        q += pitch - ow;
+        continue;
+      }
+      const int64_t length = std::min(W_out - ow, q1 - q);
+      out.push_back({q, (q / pitch) * W_out + ow, length});
+      q += length;
     }
   }
-  return chunks;
+};
+
+// Positions per column tile: at most kPixelTile, fewer for long reductions so a packed tile stays in L2; a
+// span of at most 1.5 tiles is one tile. A multiple of 32 otherwise (the AMX kernel's block), so
+// grad_weight's sums over positions group identically whatever the tile.
+int64_t pixel_tile(const ConvGeometry& g, int64_t span, bool far) {
+  // Channels far apart are read in longer runs (up to kFarPixelTile) so each run streams a few pages.
+  const int64_t budget = far ? 262144 : 65536, cap = far ? kFarPixelTile : kPixelTile;
+  const int64_t long_reduction = budget / std::max<int64_t>(g.reduction_per_group(), 1) / 32 * 32;
+  const int64_t tile = std::max<int64_t>(32, std::min<int64_t>(cap, long_reduction));
+  return span <= tile + tile / 2 ? span : tile;
 }
 
 // Output columns ow in [begin, end) read input columns iw = ow * stride + offset inside [0, size).
@@ -108,11 +211,11 @@ ValidRange valid_outputs(int64_t offset, int64_t stride, int64_t size, int64_t o
   return {std::min(begin, end), end};
 }
 
-// The tiling of one template's im2col: rows are (channel, kh, kw) for channels [c_begin, c_end), columns
-// are output pixels [j0, j0 + tile). Calls visit(c, row, t, ow_begin, ow_end, ih, iw_offset, valid) for each
-// row and each run of output pixels [ow_begin, ow_end) of output row oh that starts at tile column t; input
-// column iw = ow * stride_w + iw_offset, and `valid` is the sub-run whose input pixel lies inside the
-// template (the rest reads padding).
+// The tiling of one template's im2col (strides above 1): rows are (channel, kh, kw) for channels
+// [c_begin, c_end), columns are output pixels [j0, j0 + tile). Calls visit(c, row, t, ow_begin, ow_end, ih,
+// iw_offset, valid) for each row and each run of output pixels [ow_begin, ow_end) of output row oh that starts
+// at tile column t; input column iw = ow * stride_w + iw_offset, and `valid` is the sub-run whose input pixel
+// lies inside the template (the rest reads padding).
 template <typename Visit>
 void for_each_column_run(const ConvGeometry& g, int64_t c_begin, int64_t c_end, int64_t j0, int64_t tile,
                          Visit&& visit) {
@@ -120,7 +223,8 @@ void for_each_column_run(const ConvGeometry& g, int64_t c_begin, int64_t c_end, 
   for (int64_t c = c_begin; c < c_end; ++c) {
     for (int64_t kh = 0; kh < g.kH; ++kh) {
       for (int64_t kw = 0; kw < g.kW; ++kw, ++row) {
-        const ValidRange cols = valid_outputs(kw * g.dilation_w - g.pad_w, g.stride_w, g.W, g.W_out);
+        const int64_t iw_offset = kw * g.dilation_w - g.pad_w;
+        const ValidRange cols = valid_outputs(iw_offset, g.stride_w, g.W, g.W_out);
         for (int64_t t = 0; t < tile;) {
           const int64_t j = j0 + t;
           const int64_t oh = j / g.W_out;
@@ -132,7 +236,7 @@ void for_each_column_run(const ConvGeometry& g, int64_t c_begin, int64_t c_end, 
             valid.begin = std::clamp(cols.begin, ow_begin, ow_end);
             valid.end = std::clamp(cols.end, valid.begin, ow_end);
           }
-          visit(c, row, t, ow_begin, ow_end, ih, kw * g.dilation_w - g.pad_w, valid);
+          visit(c, row, t, ow_begin, ow_end, ih, iw_offset, valid);
           t += ow_end - ow_begin;
         }
       }
@@ -140,37 +244,28 @@ void for_each_column_run(const ConvGeometry& g, int64_t c_begin, int64_t c_end, 
   }
 }
 
-
-// columns[row * row_step + t * column_step] = template[c, ih, iw] (0 in the padding) for t < tile: the tile
-// of im2col, stored row-major (column_step 1) or transposed (row_step 1).
-template <typename scalar_t, typename acc_t>
+// columns[row * tile + t] = template[c, ih, iw] (0 in the padding) for channels [c_begin, c_end): one
+// row-major tile of im2col, in the template's own type (the GEMM packers convert).
+template <typename scalar_t>
 void build_column_tile(const scalar_t* tpl, at::IntArrayRef strides, const ConvGeometry& g, int64_t c_begin,
-                       int64_t c_end, int64_t j0, int64_t tile, int64_t row_step, int64_t column_step, acc_t* columns) {
+                       int64_t c_end, int64_t j0, int64_t tile, scalar_t* columns) {
   const int64_t sc = strides[1], sh = strides[2], sw = strides[3];
   const int64_t input_step = g.stride_w * sw;
   for_each_column_run(g, c_begin, c_end, j0, tile,
                       [&](int64_t c, int64_t row, int64_t t, int64_t ow_begin, int64_t ow_end, int64_t ih,
                           int64_t iw_offset, ValidRange valid) {
-                        acc_t* out = columns + row * row_step + (t - ow_begin) * column_step;
-                        for (int64_t ow = ow_begin; ow < valid.begin; ++ow) out[ow * column_step] = acc_t(0);
-                        if (valid.begin < valid.end) {
-                          const scalar_t* in = tpl + c * sc + ih * sh + iw_offset * sw;
-                          if (column_step == 1 && input_step == 1) {  // the common case, vectorized
-                            for (int64_t ow = valid.begin; ow < valid.end; ++ow) out[ow] = static_cast<acc_t>(in[ow]);
-                          } else {
-                            for (int64_t ow = valid.begin; ow < valid.end; ++ow) {
-                              out[ow * column_step] = static_cast<acc_t>(in[ow * input_step]);
-                            }
-                          }
-                        }
-                        for (int64_t ow = valid.end; ow < ow_end; ++ow) out[ow * column_step] = acc_t(0);
+                        scalar_t* out = columns + row * tile + (t - ow_begin);
+                        std::fill(out + ow_begin, out + valid.begin, scalar_t(0));
+                        const scalar_t* in = tpl + c * sc + ih * sh + iw_offset * sw;
+                        for (int64_t ow = valid.begin; ow < valid.end; ++ow) out[ow] = in[ow * input_step];
+                        std::fill(out + valid.end, out + ow_end, scalar_t(0));
                       });
 }
 
-// The adjoint of build_column_tile (row-major): grad_tpl[c - c_begin, ih, iw] += grad_columns[row * ld + t].
+// The adjoint of build_column_tile: grad_tpl[c - c_begin, ih, iw] += grad_columns[row * ld + t].
 template <typename acc_t>
-void scatter_column_tile(const acc_t* grad_columns, const ConvGeometry& g, int64_t c_begin, int64_t c_end, int64_t j0,
-                         int64_t tile, int64_t ld, acc_t* grad_tpl) {
+void scatter_column_tile(const acc_t* grad_columns, int64_t ld, const ConvGeometry& g, int64_t c_begin, int64_t c_end,
+                         int64_t j0, int64_t tile, acc_t* grad_tpl) {
   for_each_column_run(g, c_begin, c_end, j0, tile,
                       [&](int64_t c, int64_t row, int64_t t, int64_t ow_begin, int64_t, int64_t ih, int64_t iw_offset,
                           ValidRange valid) {
@@ -181,32 +276,740 @@ void scatter_column_tile(const acc_t* grad_columns, const ConvGeometry& g, int64
                       });
 }
 
-// The GEMM rows of some instances of one template: row m is output channel first_channel + m % channels of
-// instance order[begin + m / channels]. row_pointers() gives, for each m, that row of a (N * C_out, length)
-// tensor, so the packers never divide.
-struct InstanceRows {
-  const int64_t* order;
-  int64_t begin;
-  int64_t count;
-  int64_t first_channel;
-  int64_t channels;
-  int64_t C_out;
+// The column rows of template p, group gi, for positions [q0, q0 + T): pointers and the offset to add to them.
+template <typename scalar_t>
+struct ColumnTile {
+  std::vector<const scalar_t*> rows;
+  int64_t offset = 0;
+  bool far = false;  // rows of a large template, far apart in memory (see cpu::Operand)
+  Scratch<scalar_t> buffer;
 
-  int64_t rows() const { return count * channels; }
-  int64_t tensor_row(int64_t m) const { return order[begin + m / channels] * C_out + first_channel + m % channels; }
-
-  template <typename T>
-  void row_pointers(const T* base, int64_t length, int64_t offset, std::vector<const T*>& out) const {
-    out.resize(rows());
-    int64_t m = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      const T* first = base + (order[begin + i] * C_out + first_channel) * length + offset;
-      for (int64_t co = 0; co < channels; ++co) out[m++] = first + co * length;
+  void build(const scalar_t* tpl_p, const at::Tensor& templates, const ConvGeometry& g, const PixelSpace& space,
+             int64_t gi, int64_t q0, int64_t T) {
+    const int64_t K = g.reduction_per_group(), area = g.kernel_area();
+    const int64_t c_begin = gi * g.C_in_per_group;
+    rows.resize(K);
+    far = false;
+    if (!space.planes) {
+      scalar_t* data = buffer.resize(K * T);
+      build_column_tile(tpl_p, templates.strides(), g, c_begin, c_begin + g.C_in_per_group, q0, T, data);
+      for (int64_t k = 0; k < K; ++k) rows[k] = data + k * T;
+      offset = 0;
+      return;
     }
+    const scalar_t* base = tpl_p + c_begin * templates.stride(1);
+    int64_t channel_step = templates.stride(1);
+    offset = q0;
+    far = !space.padded && channel_step > kFarRows;
+    if (space.padded) {  // the padded rows this tile reads, in its own buffer
+      const int64_t first = q0 / space.pitch;
+      const int64_t last = std::min(space.height, (q0 + T - 1) / space.pitch + (g.kH - 1) * g.dilation_h + 1);
+      const int64_t plane = (last - first) * space.pitch;
+      scalar_t* data = buffer.resize(g.C_in_per_group * plane);
+      const int64_t sc = templates.stride(1), sh = templates.stride(2), sw = templates.stride(3);
+      for (int64_t c = 0; c < g.C_in_per_group; ++c) {
+        scalar_t* dst = data + c * plane;
+        std::fill(dst, dst + plane, scalar_t(0));
+        for (int64_t r = first; r < last; ++r) {
+          const int64_t ih = r - g.pad_h;
+          if (ih < 0 || ih >= g.H) continue;
+          const scalar_t* src = base + c * sc + ih * sh;
+          scalar_t* row = dst + (r - first) * space.pitch + g.pad_w;
+          for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = src[iw * sw];
+        }
+      }
+      base = data;
+      channel_step = plane;
+      offset = q0 - first * space.pitch;
+    }
+    for (int64_t c = 0, k = 0; c < g.C_in_per_group; ++c) {
+      for (int64_t kh = 0; kh < g.kH; ++kh) {
+        for (int64_t kw = 0; kw < g.kW; ++kw, ++k) {
+          rows[k] = base + c * channel_step + kh * g.dilation_h * space.pitch + kw * g.dilation_w;
+        }
+      }
+    }
+    (void)area;
   }
 };
 
-int64_t row_blocks(int64_t rows) { return cpu::round_up(rows, cpu::kTileRows) / cpu::kTileRows; }
+// grad_output rows [m0, m0 + M) of one template's instances in group gi over positions [q0, q0 + T): the rows
+// themselves, or, where positions have gaps, copies with zeros in the gaps.
+template <typename scalar_t>
+struct GradTile {
+  std::vector<const scalar_t*> rows;
+  int64_t offset = 0;
+  std::vector<const scalar_t*> sources;
+  std::vector<PixelSpace::Run> runs;
+  Scratch<scalar_t> buffer;
+
+  void build(const scalar_t* go, const BucketRows& bucket_rows, int64_t pixels, const PixelSpace& space, int64_t m0,
+             int64_t M, int64_t q0, int64_t T) {
+    if (!space.gaps()) {
+      bucket_rows.pointers(go, pixels, m0, M, rows);
+      offset = q0;
+      return;
+    }
+    bucket_rows.pointers(go, pixels, m0, M, sources);
+    space.runs(q0, q0 + T, runs);
+    scalar_t* data = buffer.resize(M * T);
+    rows.resize(M);
+    for (int64_t m = 0; m < M; ++m) {
+      scalar_t* dst = data + m * T;
+      std::fill(dst, dst + T, scalar_t(0));
+      const scalar_t* src = sources[m];
+      for (const PixelSpace::Run& run : runs)
+        std::copy(src + run.pixel, src + run.pixel + run.length, dst + (run.q - q0));
+      rows[m] = dst;
+    }
+    offset = 0;
+  }
+};
+
+// lanes[q % kLanes] += value(q) for q in [begin, end): partial sums in lanes fixed by the position q, so the
+// order of a sum does not depend on how its range is cut into tiles; the middle runs vectorize.
+template <typename acc_t, typename Value>
+void add_to_lanes(int64_t begin, int64_t end, acc_t* lanes, Value&& value) {
+  int64_t q = begin;
+  for (; q < end && q % kLanes != 0; ++q) lanes[q % kLanes] += value(q);
+  for (; q + kLanes <= end; q += kLanes) {
+    for (int64_t i = 0; i < kLanes; ++i) lanes[i] += value(q + i);
+  }
+  for (; q < end; ++q) lanes[q % kLanes] += value(q);
+}
+
+// A fixed tree over kLanes partial sums: level[i] + level[i + width] for width 8, 4, 2, 1, done in one vector
+// register per level.
+template <typename acc_t>
+acc_t reduce_lanes(const acc_t* lanes) {
+  typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
+  Lanes level;
+  std::memcpy(&level, lanes, sizeof(Lanes));
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+    Lanes upper{};
+    for (int64_t i = 0; i < width; ++i) upper[i] = level[i + width];
+    level = level + upper;
+  }
+  return level[0];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// GEMM kernels.
+
+struct GemmPlan {
+  PixelSpace space;
+  int64_t K;       // reduction length per group: C_in_per_group * kH * kW
+  int64_t pixels;  // H_out * W_out
+  int64_t tile;    // positions per column tile
+  int64_t tiles;
+  cpu::Isa isa;
+
+  GemmPlan(const ConvGeometry& g, const at::Tensor& templates)
+      : space(g, templates),
+        K(g.reduction_per_group()),
+        pixels(g.output_pixels()),
+        tile(pixel_tile(g, space.span, space.planes && !space.padded && templates.stride(1) > kFarRows)),
+        tiles((space.span + tile - 1) / tile),
+        isa(cpu::active_isa()) {}
+};
+
+template <typename scalar_t>
+void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t* b, scalar_t* out,
+                  const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GemmPlan plan(g, templates);
+  const PixelSpace& space = plan.space;
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups * plan.tiles;
+  const int64_t unit_flops =
+      std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * g.C_out_per_group * plan.K * plan.tile;
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    // Packing buffers are per thread and kept between calls (they grow to the largest tile seen).
+    thread_local cpu::GemmScratch scratch;
+    thread_local ColumnTile<scalar_t> columns;
+    thread_local Scratch<acc_t> product;
+    std::vector<const scalar_t*> weight_rows;
+    std::vector<PixelSpace::Run> runs;
+    std::vector<scalar_t> narrow(plan.tile);
+    cpu::with_isa(plan.isa, [&] {
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / (g.groups * plan.tiles)];
+        const int64_t gi = (unit / plan.tiles) % g.groups;
+        const int64_t q0 = (unit % plan.tiles) * plan.tile;
+        const int64_t T = std::min(plan.tile, space.span - q0);
+        columns.build(tpl + p * templates.stride(0), templates, g, space, gi, q0, T);
+        space.runs(q0, q0 + T, runs);
+        const BucketRows rows{buckets, g, p, gi};
+        const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
+        for (int64_t m0 = 0; m0 < rows.count(); m0 += kRowBlock) {
+          const int64_t M = std::min(kRowBlock, rows.count() - m0);
+          rows.pointers(w, plan.K, m0, M, weight_rows);
+          acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
+          cpu::gemm(plan.isa, rows_of(weight_rows.data()), rows_of(columns.rows.data(), columns.offset, columns.far), M,
+                    T, plan.K, c, ldc, false, scratch);
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t row = rows.row(m0 + m);
+            const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
+            const acc_t* src = c + m * ldc - q0;
+            scalar_t* dst = out + row * plan.pixels;
+            if (runs.size() == 1 || std::is_same_v<scalar_t, acc_t>) {
+              for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
+            } else {  // narrowed over the whole tile at once (whole vectors), then the runs copied out
+              store_row(src + q0, shift, T, narrow.data());
+              for (const PixelSpace::Run& run : runs) {
+                std::copy(narrow.data() + (run.q - q0), narrow.data() + (run.q - q0) + run.length, dst + run.pixel);
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+// Where grad_weight and grad_bias of one bucket's rows go when a unit has summed its chunk of positions: into
+// the tensors (one chunk), or into that chunk's partial sums, which add_chunk_partials adds in chunk order.
+template <typename scalar_t>
+struct ChunkSums {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ConvGeometry& g;
+  const PixelSpace& space;
+  const scalar_t* go;
+  scalar_t* gw;
+  scalar_t* gb;
+  int64_t K, chunks, rows_total;
+  std::vector<acc_t> partial_w, partial_b;
+
+  ChunkSums(const ConvGeometry& g, const PixelSpace& space, const scalar_t* go, scalar_t* gw, scalar_t* gb, int64_t K,
+            int64_t chunks)
+      : g(g),
+        space(space),
+        go(go),
+        gw(gw),
+        gb(gb),
+        K(K),
+        chunks(chunks),
+        rows_total(g.N * g.C_out),
+        partial_w(chunks > 1 ? chunks * rows_total * K : 0),
+        partial_b(chunks > 1 ? chunks * rows_total : 0) {}
+
+  // Rows [m0, m0 + M) of `rows`: grad_weight from the product c (K columns; K rows when transposed), grad_bias
+  // from grad_output over the output pixels of positions [q_begin, q_end), in lanes by pixel.
+  void write(const BucketRows& rows, int64_t m0, int64_t M, int64_t chunk, int64_t q_begin, int64_t q_end,
+             const acc_t* c, int64_t ldc, bool transposed) {
+    const int64_t pixels = g.output_pixels();
+    const int64_t pixel_begin = space.pixel_at(q_begin);
+    const int64_t pixel_end = q_end >= space.span ? pixels : space.pixel_at(q_end);
+    acc_t lanes[kLanes];
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t row = rows.row(m0 + m);
+      const scalar_t* grad_row = go + row * pixels;
+      std::fill(lanes, lanes + kLanes, acc_t(0));
+      add_to_lanes(pixel_begin, pixel_end, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
+      const acc_t bias_sum = reduce_lanes(lanes);
+      acc_t* partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
+      if (transposed) {
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t value = c[k * ldc + m];
+          if (partial) {
+            partial[k] = value;
+          } else {
+            gw[row * K + k] = from_acc<scalar_t>(value);
+          }
+        }
+      } else if (partial) {
+        std::copy(c + m * ldc, c + m * ldc + K, partial);
+      } else {
+        store_row(c + m * ldc, acc_t(0), K, gw + row * K);
+      }
+      if (chunks > 1) {
+        partial_b[chunk * rows_total + row] = bias_sum;
+      } else {
+        gb[row] = from_acc<scalar_t>(bias_sum);
+      }
+    }
+  }
+
+  // With several chunks: grad_weight and grad_bias from the partial sums, added in chunk order.
+  void finish() const {
+    if (chunks == 1) return;
+    at::parallel_for(0, rows_total, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t sum = partial_w[row * K + k];
+          for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
+          gw[row * K + k] = from_acc<scalar_t>(sum);
+        }
+        acc_t sum = partial_b[row];
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
+        gb[row] = from_acc<scalar_t>(sum);
+      }
+    });
+  }
+};
+
+// grad_weight and grad_bias. Units are (template, group, block of rows, chunk of positions); a unit sums its
+// chunk's tiles in position order in the accumulation type. A template with more than kChunkPixels positions
+// has several chunks: their partial sums are kept and added in chunk order by a second pass.
+template <typename scalar_t>
+void grad_weight_gemm(const at::Tensor& templates, const scalar_t* go, scalar_t* gw, scalar_t* gb,
+                      const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GemmPlan plan(g, templates);
+  const PixelSpace& space = plan.space;
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t K = plan.K;
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkPixels / plan.tile);
+  const int64_t chunks = (plan.tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  struct Block {  // rows [m0, m0 + M) of template p's instances in group gi
+    int64_t p, gi, m0, M;
+  };
+  std::vector<Block> blocks;
+  for (int64_t p : buckets.used) {
+    for (int64_t gi = 0; gi < g.groups; ++gi) {
+      const int64_t rows = buckets.count(p) * g.C_out_per_group;
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) blocks.push_back({p, gi, m0, std::min(kRowBlock, rows - m0)});
+    }
+  }
+  ChunkSums<scalar_t> sums(g, space, go, gw, gb, K, chunks);
+  const int64_t units = static_cast<int64_t>(blocks.size()) * chunks;
+  const int64_t unit_flops = kRowBlock * K * std::min(space.span, kChunkPixels);
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    thread_local cpu::GemmScratch scratch;
+    thread_local ColumnTile<scalar_t> columns;
+    thread_local GradTile<scalar_t> grads;
+    thread_local Scratch<acc_t> product;
+    cpu::with_isa(plan.isa, [&] {
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const Block& block = blocks[unit / chunks];
+        const int64_t chunk = unit % chunks;
+        const BucketRows rows{buckets, g, block.p, block.gi};
+        // C = grad_out x columns^T, or its transpose when the block has fewer rows than K: either way one operand
+        // is read transposed, and the smaller one is.
+        const bool transposed = block.M < K;
+        const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, transposed ? block.M : K);
+        acc_t* c = product.resize(cpu::padded_m(plan.isa, transposed ? K : block.M) * ldc);
+        const int64_t first_tile = chunk * tiles_per_chunk;
+        const int64_t last_tile = std::min(plan.tiles, first_tile + tiles_per_chunk);
+        for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+          const int64_t q0 = tile * plan.tile;
+          const int64_t T = std::min(plan.tile, space.span - q0);
+          columns.build(tpl + block.p * templates.stride(0), templates, g, space, block.gi, q0, T);
+          grads.build(go, rows, plan.pixels, space, block.m0, block.M, q0, T);
+          if (transposed) {
+            cpu::gemm(plan.isa, rows_of(columns.rows.data(), columns.offset),
+                      columns_of(grads.rows.data(), grads.offset), K, block.M, T, c, ldc, tile > first_tile, scratch);
+          } else {
+            cpu::gemm(plan.isa, rows_of(grads.rows.data(), grads.offset),
+                      columns_of(columns.rows.data(), columns.offset), block.M, K, T, c, ldc, tile > first_tile,
+                      scratch);
+          }
+        }
+        // grad_bias over the chunk's output pixels, then the rows of grad_weight (or the chunk's partial sums).
+        sums.write(rows, block.m0, block.M, chunk, first_tile * plan.tile, last_tile * plan.tile, c, ldc, transposed);
+      }
+    });
+  });
+  sums.finish();
+}
+
+// grad_templates: units are (used template, group, block of channels[, tile of positions when the columns are
+// the template's own 1x1 channels]); each sums over all of the template's instances, kRowBlock rows at a time,
+// in order, then adds its grad_columns back onto the template's channels.
+template <typename scalar_t>
+void grad_templates_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t* go, scalar_t* gt,
+                         const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GemmPlan plan(g, templates);
+  const PixelSpace& space = plan.space;
+  const int64_t area = g.kernel_area();
+  const int64_t channels_per_block = std::max<int64_t>(1, std::min(g.C_in_per_group, kColumnRows / area));
+  const int64_t blocks_per_group = (g.C_in_per_group + channels_per_block - 1) / channels_per_block;
+  // A 1x1 kernel on unpadded planes gives grad_templates rows directly: no tile adds into another's pixels.
+  const bool direct = space.planes && !space.padded && area == 1 && !space.gaps();
+  const int64_t tile_units = direct ? plan.tiles : 1;
+  const int64_t units_per_template = g.groups * blocks_per_group * tile_units;
+  const int64_t plane = g.H * g.W, padded_plane = space.height * space.pitch;
+  const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * g.C_out_per_group *
+                             channels_per_block * area * space.span / tile_units;
+  at::parallel_for(0, static_cast<int64_t>(buckets.used.size()) * units_per_template, grain_for(unit_flops),
+                   [&](int64_t unit_begin, int64_t unit_end) {
+                     cpu::GemmScratch scratch;
+                     GradTile<scalar_t> grads;
+                     Scratch<acc_t> product;
+                     std::vector<acc_t> grad_tpl;
+                     std::vector<const scalar_t*> weight_rows;
+                     cpu::with_isa(plan.isa, [&] {
+                       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+                         const int64_t p = buckets.used[unit / units_per_template];
+                         const int64_t within = unit % units_per_template;
+                         const int64_t gi = within / (blocks_per_group * tile_units);
+                         const int64_t c_local = ((within / tile_units) % blocks_per_group) * channels_per_block;
+                         const int64_t channels = std::min(channels_per_block, g.C_in_per_group - c_local);
+                         const int64_t c_begin = gi * g.C_in_per_group + c_local;
+                         const int64_t M = channels * area;  // rows of grad_columns
+                         const BucketRows rows{buckets, g, p, gi};
+                         const int64_t first_tile = direct ? within % tile_units : 0;
+                         const int64_t last_tile = direct ? first_tile + 1 : plan.tiles;
+                         if (!direct) grad_tpl.assign(channels * (space.planes ? padded_plane : plane), acc_t(0));
+                         for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+                           const int64_t q0 = tile * plan.tile;
+                           const int64_t T = std::min(plan.tile, space.span - q0);
+                           const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
+                           acc_t* c = product.resize(cpu::padded_m(plan.isa, M) * ldc);
+                           for (int64_t r0 = 0; r0 < rows.count(); r0 += kRowBlock) {
+                             const int64_t R = std::min(kRowBlock, rows.count() - r0);
+                             rows.pointers(w, plan.K, r0, R, weight_rows);
+                             grads.build(go, rows, plan.pixels, space, r0, R, q0, T);
+                             cpu::gemm(plan.isa, columns_of(weight_rows.data(), c_local * area),
+                                       rows_of(grads.rows.data(), grads.offset), M, T, R, c, ldc, r0 > 0, scratch);
+                           }
+                           if (direct) {
+                             for (int64_t ci = 0; ci < channels; ++ci) {
+                               store_row(c + ci * ldc, acc_t(0), T, gt + (p * g.C_in + c_begin + ci) * plane + q0);
+                             }
+                           } else if (space.planes) {  // column row (c, kh, kw) at q lands on plane position q + shift
+                             for (int64_t ci = 0, k = 0; ci < channels; ++ci) {
+                               for (int64_t kh = 0; kh < g.kH; ++kh) {
+                                 for (int64_t kw = 0; kw < g.kW; ++kw, ++k) {
+                                   acc_t* dst = grad_tpl.data() + ci * padded_plane + kh * g.dilation_h * space.pitch +
+                                                kw * g.dilation_w + q0;
+                                   const acc_t* src = c + k * ldc;
+                                   for (int64_t t = 0; t < T; ++t) dst[t] += src[t];
+                                 }
+                               }
+                             }
+                           } else {
+                             scatter_column_tile(c, ldc, g, c_begin, c_begin + channels, q0, T, grad_tpl.data());
+                           }
+                         }
+                         if (direct) continue;
+                         for (int64_t ci = 0; ci < channels; ++ci) {
+                           scalar_t* dst = gt + (p * g.C_in + c_begin + ci) * plane;
+                           const acc_t* src = grad_tpl.data() + ci * (space.planes ? padded_plane : plane);
+                           if (space.planes) src += g.pad_h * space.pitch + g.pad_w;
+                           const int64_t src_pitch = space.planes ? space.pitch : g.W;
+                           for (int64_t ih = 0; ih < g.H; ++ih)
+                             store_row(src + ih * src_pitch, acc_t(0), g.W, dst + ih * g.W);
+                         }
+                       }
+                     });
+                   });
+}
+
+// The whole backward in one pass, when every template's rows fit one product (kRowBlock) and every group's
+// columns one grad_templates block (kColumnRows): each unit loads a tile of grad_output and of columns once and
+// uses it for both products, so grad_output and the templates are read once, not twice. Units are (used
+// template, group, chunk of positions); a template has several chunks only when its columns are its own 1x1
+// channels (grad_templates rows are then written per tile; otherwise they accumulate over the whole template).
+// Sums run in the same orders as the separate passes'.
+template <typename scalar_t>
+bool backward_fits_one_pass(const ConvGeometry& g, const TemplateBuckets& buckets) {
+  int64_t rows = 0;
+  for (int64_t p : buckets.used) rows = std::max(rows, buckets.count(p) * g.C_out_per_group);
+  return rows <= kRowBlock && g.reduction_per_group() <= kColumnRows;
+}
+
+template <typename scalar_t>
+void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const scalar_t* go, scalar_t* gt, scalar_t* gw,
+                         scalar_t* gb, const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GemmPlan plan(g, templates);
+  const PixelSpace& space = plan.space;
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t K = plan.K, area = g.kernel_area();
+  const int64_t plane = g.H * g.W, padded_plane = space.height * space.pitch;
+  const bool direct = space.planes && !space.padded && area == 1 && !space.gaps();
+  const int64_t tiles_per_chunk = direct ? std::max<int64_t>(1, kChunkPixels / plan.tile) : plan.tiles;
+  const int64_t chunks = (plan.tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  ChunkSums<scalar_t> sums(g, space, go, gw, gb, K, chunks);
+  const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups * chunks;
+  const int64_t unit_flops = 2 * std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
+                             g.C_out_per_group * K * std::min(space.span, tiles_per_chunk * plan.tile);
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    thread_local cpu::GemmScratch scratch;
+    thread_local ColumnTile<scalar_t> columns;
+    thread_local GradTile<scalar_t> grads;
+    thread_local Scratch<acc_t> weight_product, column_product;
+    std::vector<acc_t> grad_tpl;
+    std::vector<const scalar_t*> weight_rows;
+    cpu::with_isa(plan.isa, [&] {
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / (g.groups * chunks)];
+        const int64_t gi = (unit / chunks) % g.groups;
+        const int64_t chunk = unit % chunks;
+        const BucketRows rows{buckets, g, p, gi};
+        const int64_t R = rows.count();
+        const int64_t c_begin = gi * g.C_in_per_group;
+        rows.pointers(w, K, 0, R, weight_rows);
+        // grad_weight as in grad_weight_gemm: transposed when the rows are fewer than K.
+        const bool transposed = R < K;
+        const int64_t ldw = cpu::padded_n<scalar_t>(plan.isa, transposed ? R : K);
+        acc_t* cw = weight_product.resize(cpu::padded_m(plan.isa, transposed ? K : R) * ldw);
+        if (!direct) grad_tpl.assign(g.C_in_per_group * (space.planes ? padded_plane : plane), acc_t(0));
+        const int64_t first_tile = chunk * tiles_per_chunk;
+        const int64_t last_tile = std::min(plan.tiles, first_tile + tiles_per_chunk);
+        for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+          const int64_t q0 = tile * plan.tile;
+          const int64_t T = std::min(plan.tile, space.span - q0);
+          columns.build(tpl + p * templates.stride(0), templates, g, space, gi, q0, T);
+          grads.build(go, rows, plan.pixels, space, 0, R, q0, T);
+          if (transposed) {
+            cpu::gemm(plan.isa, rows_of(columns.rows.data(), columns.offset),
+                      columns_of(grads.rows.data(), grads.offset), K, R, T, cw, ldw, tile > first_tile, scratch);
+          } else {
+            cpu::gemm(plan.isa, rows_of(grads.rows.data(), grads.offset),
+                      columns_of(columns.rows.data(), columns.offset), R, K, T, cw, ldw, tile > first_tile, scratch);
+          }
+          const int64_t ldc = cpu::padded_n<scalar_t>(plan.isa, T);
+          acc_t* cc = column_product.resize(cpu::padded_m(plan.isa, K) * ldc);
+          cpu::gemm(plan.isa, columns_of(weight_rows.data()), rows_of(grads.rows.data(), grads.offset), K, T, R, cc,
+                    ldc, false, scratch);
+          if (direct) {
+            for (int64_t ci = 0; ci < g.C_in_per_group; ++ci) {
+              store_row(cc + ci * ldc, acc_t(0), T, gt + (p * g.C_in + c_begin + ci) * plane + q0);
+            }
+          } else if (space.planes) {
+            for (int64_t ci = 0, k = 0; ci < g.C_in_per_group; ++ci) {
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw, ++k) {
+                  acc_t* dst =
+                      grad_tpl.data() + ci * padded_plane + kh * g.dilation_h * space.pitch + kw * g.dilation_w + q0;
+                  const acc_t* src = cc + k * ldc;
+                  for (int64_t t = 0; t < T; ++t) dst[t] += src[t];
+                }
+              }
+            }
+          } else {
+            scatter_column_tile(cc, ldc, g, c_begin, c_begin + g.C_in_per_group, q0, T, grad_tpl.data());
+          }
+        }
+        // grad_bias over the chunk's output pixels, then the rows of grad_weight (or the chunk's partial sums).
+        sums.write(rows, 0, R, chunk, first_tile * plan.tile, last_tile * plan.tile, cw, ldw, transposed);
+        if (direct) continue;
+        for (int64_t ci = 0; ci < g.C_in_per_group; ++ci) {
+          scalar_t* dst = gt + (p * g.C_in + c_begin + ci) * plane;
+          const acc_t* src = grad_tpl.data() + ci * (space.planes ? padded_plane : plane);
+          if (space.planes) src += g.pad_h * space.pitch + g.pad_w;
+          const int64_t src_pitch = space.planes ? space.pitch : g.W;
+          for (int64_t ih = 0; ih < g.H; ++ih) store_row(src + ih * src_pitch, acc_t(0), g.W, dst + ih * g.W);
+        }
+      }
+    });
+  });
+  sums.finish();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Direct kernels for one input channel per group (depthwise and its channel multipliers).
+//
+// Per (used template, input channel): the channel zero-padded into a plane of pitch PW = W + 2 * pad_w; with
+// stride 1 an output row oh, tap (kh, kw) reads that plane at oh * PW + ow + kh * dilation_h * PW + kw *
+// dilation_w, so laying outputs out with the same pitch ("extended" rows, the last PW - W_out columns
+// unused) turns every tap into one contiguous multiply-add over the span of extended outputs, shared by all of
+// the template's instances. Buffers carry kLanes elements of zero slack so the loops run in whole vectors.
+
+struct PaddedPlane {
+  int64_t PH, PW;  // padded height and width
+  int64_t span;    // extended outputs: (H_out - 1) * PW + W_out with stride 1
+  int64_t lanes;   // span rounded up to whole vectors
+  bool extended;   // stride 1 in both directions
+
+  explicit PaddedPlane(const ConvGeometry& g)
+      : PH(g.H + 2 * g.pad_h),
+        PW(g.W + 2 * g.pad_w),
+        span((g.H_out - 1) * PW + g.W_out),
+        lanes(round_up(span, kLanes)),
+        extended(g.stride_h == 1 && g.stride_w == 1) {}
+
+  int64_t size() const { return PH * PW + kLanes; }  // with slack: a shifted whole-vector read stays inside
+  int64_t tap_offset(const ConvGeometry& g, int64_t kh, int64_t kw) const {
+    return kh * g.dilation_h * PW + kw * g.dilation_w;
+  }
+  int64_t input_offset(const ConvGeometry& g, int64_t oh, int64_t ow) const {  // tap (0, 0) of output (oh, ow)
+    return oh * g.stride_h * PW + ow * g.stride_w;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeometry& g, const PaddedPlane& plane,
+                 acc_t* dst) {
+  std::fill(dst, dst + plane.size(), acc_t(0));
+  for (int64_t ih = 0; ih < g.H; ++ih) {
+    acc_t* row = dst + (ih + g.pad_h) * plane.PW + g.pad_w;
+    if (sw == 1) {
+      load_row(channel + ih * sh, g.W, row);
+    } else {
+      for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = to_acc(channel[ih * sh + iw * sw]);
+    }
+  }
+}
+
+// Sums of x[q] * y[q] (or of x[q] alone, y null) over q < n (a multiple of kLanes), in kLanes lanes by q, then
+// a fixed tree: the same order whatever the instruction set.
+template <typename acc_t>
+acc_t dot_lanes(const acc_t* x, const acc_t* y, int64_t n) {
+  typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
+  Lanes sum{};
+  for (int64_t q = 0; q < n; q += kLanes) {
+    Lanes a;
+    std::memcpy(&a, x + q, sizeof(Lanes));
+    if (y != nullptr) {
+      Lanes b;
+      std::memcpy(&b, y + q, sizeof(Lanes));
+      sum += a * b;
+    } else {
+      sum += a;
+    }
+  }
+  acc_t lanes[kLanes];
+  std::memcpy(lanes, &sum, sizeof(Lanes));
+  return reduce_lanes(lanes);
+}
+
+template <typename scalar_t>
+void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar_t* b, scalar_t* out,
+                    const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PaddedPlane plane(g);
+  const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
+  const int64_t unit_flops =
+      std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels;
+  const cpu::Isa isa = cpu::active_isa();
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    std::vector<acc_t> padded(plane.size()), acc(plane.extended ? plane.lanes : pixels);
+    std::vector<scalar_t> narrow(plane.extended ? plane.lanes : 0);
+    cpu::with_isa(isa, [&] {
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / g.C_in];
+        const int64_t c = unit % g.C_in;
+        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
+                    g, plane, padded.data());
+        for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
+          for (int64_t j = 0; j < multiplier; ++j) {
+            const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
+            const scalar_t* taps = w + row * area;
+            const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
+            scalar_t* dst = out + row * pixels;
+            if (plane.extended) {
+              std::fill(acc.begin(), acc.end(), shift);
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw) {
+                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
+                  const acc_t* src = padded.data() + plane.tap_offset(g, kh, kw);
+                  for (int64_t q = 0; q < plane.lanes; ++q) acc[q] += weight * src[q];
+                }
+              }
+              // Narrowed over the whole span at once (whole vectors), then the output rows copied out.
+              store_row(acc.data(), acc_t(0), plane.lanes, narrow.data());
+              for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                std::copy(narrow.data() + oh * plane.PW, narrow.data() + oh * plane.PW + g.W_out, dst + oh * g.W_out);
+              }
+            } else {
+              for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                for (int64_t ow = 0; ow < g.W_out; ++ow) {
+                  acc_t sum = shift;
+                  const acc_t* src = padded.data() + plane.input_offset(g, oh, ow);
+                  for (int64_t kh = 0; kh < g.kH; ++kh) {
+                    for (int64_t kw = 0; kw < g.kW; ++kw) {
+                      sum += to_acc(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
+                    }
+                  }
+                  acc[oh * g.W_out + ow] = sum;
+                }
+              }
+              store_row(acc.data(), acc_t(0), pixels, dst);
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+template <typename scalar_t>
+void backward_direct(const at::Tensor& templates, const scalar_t* w, const scalar_t* go, scalar_t* gt, scalar_t* gw,
+                     scalar_t* gb, const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PaddedPlane plane(g);
+  const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
+  const int64_t unit_flops =
+      std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels * 2;
+  const cpu::Isa isa = cpu::active_isa();
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    std::vector<acc_t> padded(plane.size()), grad_padded(plane.size());
+    std::vector<acc_t> grad(plane.extended ? plane.lanes : 0), row_values(round_up(pixels, kLanes));
+    acc_t lanes[kLanes];
+    cpu::with_isa(isa, [&] {
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t p = buckets.used[unit / g.C_in];
+        const int64_t c = unit % g.C_in;
+        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
+                    g, plane, padded.data());
+        std::fill(grad_padded.begin(), grad_padded.end(), acc_t(0));
+        for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
+          for (int64_t j = 0; j < multiplier; ++j) {
+            const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
+            const scalar_t* taps = w + row * area;
+            // grad_bias: the row widened (zeros past its end), summed in lanes by pixel, then a fixed tree.
+            std::fill(row_values.begin() + pixels, row_values.end(), acc_t(0));
+            load_row(go + row * pixels, pixels, row_values.data());
+            gb[row] = from_acc<scalar_t>(dot_lanes<acc_t>(row_values.data(), nullptr, row_values.size()));
+            if (plane.extended) {
+              // grad_output in extended rows (gaps and slack zero): per tap one dot product (grad_weight) and one
+              // multiply-add back onto the padded plane (grad_templates).
+              std::fill(grad.begin(), grad.end(), acc_t(0));
+              for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                std::copy(row_values.data() + oh * g.W_out, row_values.data() + (oh + 1) * g.W_out,
+                          grad.data() + oh * plane.PW);
+              }
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw) {
+                  const int64_t shift = plane.tap_offset(g, kh, kw);
+                  gw[row * area + kh * g.kW + kw] =
+                      from_acc<scalar_t>(dot_lanes(grad.data(), padded.data() + shift, plane.lanes));
+                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
+                  acc_t* dst = grad_padded.data() + shift;
+                  for (int64_t q = 0; q < plane.lanes; ++q) dst[q] += weight * grad[q];
+                }
+              }
+            } else {
+              for (int64_t kh = 0; kh < g.kH; ++kh) {
+                for (int64_t kw = 0; kw < g.kW; ++kw) {
+                  const int64_t shift = plane.tap_offset(g, kh, kw);
+                  const acc_t weight = to_acc(taps[kh * g.kW + kw]);
+                  std::fill(lanes, lanes + kLanes, acc_t(0));
+                  for (int64_t oh = 0; oh < g.H_out; ++oh) {
+                    for (int64_t ow = 0; ow < g.W_out; ++ow) {
+                      const int64_t at = plane.input_offset(g, oh, ow) + shift;
+                      const acc_t grad_value = row_values[oh * g.W_out + ow];
+                      lanes[(oh * g.W_out + ow) % kLanes] += grad_value * padded[at];
+                      grad_padded[at] += weight * grad_value;
+                    }
+                  }
+                  gw[row * area + kh * g.kW + kw] = from_acc<scalar_t>(reduce_lanes(lanes));
+                }
+              }
+            }
+          }
+        }
+        scalar_t* dst = gt + (p * g.C_in + c) * g.H * g.W;
+        for (int64_t ih = 0; ih < g.H; ++ih) {
+          store_row(grad_padded.data() + (ih + g.pad_h) * plane.PW + g.pad_w, acc_t(0), g.W, dst + ih * g.W);
+        }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The registered kernels.
+
+bool is_direct_case(const ConvGeometry& g) { return g.C_in_per_group == 1; }
 
 at::Tensor instance_aware_conv_cpu(const at::Tensor& templates, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& index,
@@ -217,51 +1020,20 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& templates, const at::Tensor
   const TemplateBuckets buckets = bucket_instances(index, g);
   at::Tensor output = at::empty({g.N, g.C_out, g.H_out, g.W_out}, templates.options());
   if (output.numel() == 0) return output;
-
+  if (g.C_in == 0) {  // empty reductions: the output is the bias
+    return bias.has_value() ? output.copy_(bias->view({g.N, g.C_out, 1, 1}).expand_as(output)) : output.zero_();
+  }
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const std::vector<InstanceChunk> chunks = chunk_instances(buckets, g.P);
-  const int64_t pixels = g.output_pixels();
-  const int64_t tiles = (pixels + kPixelTile - 1) / kPixelTile;
-  const int64_t max_tile = std::min(pixels, kPixelTile);
-  const int64_t K = g.reduction_per_group();
-  const int64_t max_rows = cpu::round_up(kInstancesPerChunk * g.C_out_per_group, cpu::kTileRows);
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, templates.scalar_type(), "instance_aware_conv_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
     const scalar_t* w = weight_c.const_data_ptr<scalar_t>();
     const scalar_t* b = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    const int64_t units = static_cast<int64_t>(chunks.size()) * tiles;
-    const int64_t unit_flops = kInstancesPerChunk * g.C_out * K * max_tile;
-    at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-      std::vector<acc_t> columns(K * max_tile), packed(max_rows * K), product(max_rows * max_tile);
-      std::vector<const scalar_t*> weight_rows;
-      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-        const InstanceChunk& chunk = chunks[unit / tiles];
-        const int64_t j0 = (unit % tiles) * kPixelTile;
-        const int64_t tile = std::min(kPixelTile, pixels - j0);
-        const scalar_t* tpl_p = tpl + chunk.template_id * templates.stride(0);
-        for (int64_t gi = 0; gi < g.groups; ++gi) {
-          const InstanceRows rows{buckets.order.data(), chunk.begin,        chunk.end - chunk.begin,
-                                  gi * g.C_out_per_group, g.C_out_per_group, g.C_out};
-          build_column_tile(tpl_p, templates.strides(), g, gi * g.C_in_per_group, (gi + 1) * g.C_in_per_group, j0,
-                            tile, tile, 1, columns.data());
-          rows.row_pointers(w, K, 0, weight_rows);
-          cpu::pack_rows(weight_rows.data(), rows.rows(), K, packed.data());
-          cpu::tile_gemm(packed.data(), columns.data(), product.data(), row_blocks(rows.rows()), tile, K, tile, tile,
-                         false);
-          for (int64_t m = 0; m < rows.rows(); ++m) {
-            const int64_t row = rows.tensor_row(m);
-            const acc_t shift = b ? static_cast<acc_t>(b[row]) : acc_t(0);
-            const acc_t* src = product.data() + m * tile;
-            scalar_t* dst = out + row * pixels + j0;
-            for (int64_t t = 0; t < tile; ++t) dst[t] = static_cast<scalar_t>(src[t] + shift);
-          }
-        }
-      }
-    });
+    if (is_direct_case(g)) {
+      forward_direct(templates, w, b, out, g, buckets);
+    } else {
+      forward_gemm(templates, w, b, out, g, buckets);
+    }
   });
   return output;
 }
@@ -274,145 +1046,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
       check_instance_aware_conv_inputs(templates, weight, std::nullopt, index, stride, padding, dilation, groups);
   check_grad_output(grad_output, templates, g);
   const TemplateBuckets buckets = bucket_instances(index, g);
-  at::Tensor grad_templates = at::zeros({g.P, g.C_in, g.H, g.W}, templates.options());
-  at::Tensor grad_weight = at::zeros({g.N, g.C_out, g.C_in_per_group, g.kH, g.kW}, weight.options());
-  at::Tensor grad_bias = at::zeros({g.N, g.C_out}, weight.options());
-  if (g.N == 0 || g.C_out == 0) return {grad_templates, grad_weight, grad_bias};
-
+  at::Tensor grad_templates = at::empty({g.P, g.C_in, g.H, g.W}, templates.options());
+  at::Tensor grad_weight = at::empty({g.N, g.C_out, g.C_in_per_group, g.kH, g.kW}, weight.options());
+  at::Tensor grad_bias = at::empty({g.N, g.C_out}, weight.options());
+  if (g.N == 0 || g.C_out == 0) return {grad_templates.zero_(), grad_weight, grad_bias};  // nothing flows back
+  if (g.C_in == 0) return {grad_templates, grad_weight, grad_bias.copy_(grad_output.sum({2, 3}))};
   const at::Tensor grad_out = grad_output.contiguous();
   const at::Tensor weight_c = weight.contiguous();
-  const std::vector<InstanceChunk> chunks = chunk_instances(buckets, g.P);
-  const int64_t pixels = g.output_pixels();
-  const int64_t max_tile = std::min(pixels, kPixelTile);
-  const int64_t K = g.reduction_per_group();
-  const int64_t area = g.kernel_area();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, templates.scalar_type(), "instance_aware_conv_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
-        const scalar_t* w = weight_c.const_data_ptr<scalar_t>();
-        const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
-
-        // grad_bias[n, co]: one row sum each, with eight partial sums in a fixed pattern.
-        scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, g.N * g.C_out, grain_for(pixels), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            acc_t partial[8] = {};
-            const scalar_t* row = go + r * pixels;
-            int64_t t = 0;
-            for (; t + 8 <= pixels; t += 8) {
-              for (int64_t i = 0; i < 8; ++i) partial[i] += static_cast<acc_t>(row[t + i]);
-            }
-            for (int64_t i = 0; t < pixels; ++t, ++i) partial[i] += static_cast<acc_t>(row[t]);
-            gb[r] = static_cast<scalar_t>(((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-                                          ((partial[4] + partial[5]) + (partial[6] + partial[7])));
-          }
-        });
-
-        // grad_weight[rows, K] += grad_out[rows, tile] x columns[K, tile]^T: one unit per instance chunk, its
-        // tiles added into one accumulator in order. The column tile is built transposed (tile x K), so the
-        // GEMM is the same kernel as the forward's.
-        scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-        const int64_t K_ld = cpu::round_up(K, cpu::tile_columns<acc_t>());
-        const int64_t max_rows = cpu::round_up(kInstancesPerChunk * g.C_out_per_group, cpu::kTileRows);
-        const int64_t chunk_flops = kInstancesPerChunk * g.C_out * K * pixels;
-        at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain_for(chunk_flops), [&](int64_t begin, int64_t end) {
-          // Columns K..K_ld of the transposed tile are never written: they stay zero.
-          std::vector<acc_t> columns_t(max_tile * K_ld, acc_t(0)), packed(max_rows * max_tile);
-          std::vector<acc_t> acc(g.groups * max_rows * K_ld);
-          std::vector<const scalar_t*> grad_rows;
-          for (int64_t c = begin; c < end; ++c) {
-            const InstanceChunk& chunk = chunks[c];
-            std::fill(acc.begin(), acc.end(), acc_t(0));
-            const scalar_t* tpl_p = tpl + chunk.template_id * templates.stride(0);
-            for (int64_t j0 = 0; j0 < pixels; j0 += kPixelTile) {
-              const int64_t tile = std::min(kPixelTile, pixels - j0);
-              for (int64_t gi = 0; gi < g.groups; ++gi) {
-                const InstanceRows rows{buckets.order.data(), chunk.begin,        chunk.end - chunk.begin,
-                                        gi * g.C_out_per_group, g.C_out_per_group, g.C_out};
-                build_column_tile(tpl_p, templates.strides(), g, gi * g.C_in_per_group, (gi + 1) * g.C_in_per_group,
-                                  j0, tile, 1, K_ld, columns_t.data());
-                rows.row_pointers(go, pixels, j0, grad_rows);
-                cpu::pack_rows(grad_rows.data(), rows.rows(), tile, packed.data());
-                cpu::tile_gemm(packed.data(), columns_t.data(), acc.data() + gi * max_rows * K_ld,
-                               row_blocks(rows.rows()), K_ld, tile, K_ld, K_ld, true);
-              }
-            }
-            for (int64_t gi = 0; gi < g.groups; ++gi) {
-              const InstanceRows rows{buckets.order.data(), chunk.begin,        chunk.end - chunk.begin,
-                                      gi * g.C_out_per_group, g.C_out_per_group, g.C_out};
-              for (int64_t m = 0; m < rows.rows(); ++m) {
-                const acc_t* src = acc.data() + (gi * max_rows + m) * K_ld;
-                scalar_t* dst = gw + rows.tensor_row(m) * K;
-                for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(src[k]);
-              }
-            }
-          }
-        });
-
-        // grad_columns[K_block, tile] = weight[rows, K_block]^T x grad_out[rows, tile], scattered onto the
-        // template: one unit per (used template, group, block of channels), so each owns its slice of
-        // grad_templates and no two units ever add into the same element.
-        const int64_t channels_per_block = std::max<int64_t>(1, std::min(g.C_in_per_group, kGradColumnRows / area));
-        const int64_t blocks_per_group = (g.C_in_per_group + channels_per_block - 1) / channels_per_block;
-        std::vector<int64_t> used_templates;
-        int64_t max_instances = 0;
-        for (int64_t p = 0; p < g.P; ++p) {
-          const int64_t count = buckets.offsets[p + 1] - buckets.offsets[p];
-          if (count > 0) used_templates.push_back(p);
-          max_instances = std::max(max_instances, count);
-        }
-        const int64_t units_per_template = g.groups * blocks_per_group;
-        const int64_t block_rows = cpu::round_up(channels_per_block * area, cpu::kTileRows);
-        // The reduction (every channel of every instance of p) runs in pieces of kReductionRows rows, so a
-        // thread's scratch stays small however many instances share a template; the accumulator carries over
-        // between pieces, so the order of the sum is the same as in one pass.
-        const int64_t max_piece = std::min(max_instances * g.C_out_per_group, kReductionRows);
-        scalar_t* gt = grad_templates.mutable_data_ptr<scalar_t>();
-        const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(used_templates.size(), 1)) *
-                                   g.C_out_per_group * channels_per_block * area * pixels;
-        at::parallel_for(
-            0, static_cast<int64_t>(used_templates.size()) * units_per_template, grain_for(unit_flops),
-            [&](int64_t begin, int64_t end) {
-              std::vector<acc_t> packed(block_rows * max_piece), grad_rows(max_piece * max_tile);
-              std::vector<acc_t> grad_columns(block_rows * max_tile), grad_tpl;
-              std::vector<const scalar_t*> weight_rows, grad_output_rows;
-              for (int64_t unit = begin; unit < end; ++unit) {
-                const int64_t p = used_templates[unit / units_per_template];
-                const int64_t gi = (unit % units_per_template) / blocks_per_group;
-                const int64_t c_local = (unit % blocks_per_group) * channels_per_block;  // first channel in group
-                const int64_t channels = std::min(channels_per_block, g.C_in_per_group - c_local);
-                const int64_t c_begin = gi * g.C_in_per_group + c_local;
-                const InstanceRows rows{buckets.order.data(),   buckets.offsets[p],
-                                        buckets.offsets[p + 1] - buckets.offsets[p], gi * g.C_out_per_group,
-                                        g.C_out_per_group,      g.C_out};
-                const int64_t M = channels * area;
-                rows.row_pointers(w, K, c_local * area, weight_rows);
-                grad_tpl.assign(channels * g.H * g.W, acc_t(0));
-                for (int64_t j0 = 0; j0 < pixels; j0 += kPixelTile) {
-                  const int64_t tile = std::min(kPixelTile, pixels - j0);
-                  rows.row_pointers(go, pixels, j0, grad_output_rows);
-                  for (int64_t r0 = 0; r0 < rows.rows(); r0 += kReductionRows) {
-                    const int64_t piece = std::min(kReductionRows, rows.rows() - r0);
-                    cpu::pack_transposed(weight_rows.data() + r0, M, piece, packed.data());
-                    // grad_output rows of the piece, gathered (and widened) into one contiguous operand.
-                    for (int64_t r = 0; r < piece; ++r) {
-                      const scalar_t* src = grad_output_rows[r0 + r];
-                      acc_t* dst = grad_rows.data() + r * tile;
-                      for (int64_t t = 0; t < tile; ++t) dst[t] = static_cast<acc_t>(src[t]);
-                    }
-                    cpu::tile_gemm(packed.data(), grad_rows.data(), grad_columns.data(), row_blocks(M), tile, piece,
-                                   tile, tile, r0 > 0);
-                  }
-                  scatter_column_tile(grad_columns.data(), g, c_begin, c_begin + channels, j0, tile, tile,
-                                      grad_tpl.data());
-                }
-                scalar_t* dst = gt + (p * g.C_in + c_begin) * g.H * g.W;
-                for (int64_t i = 0; i < channels * g.H * g.W; ++i) dst[i] = static_cast<scalar_t>(grad_tpl[i]);
-              }
-            });
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, templates.scalar_type(), "instance_aware_conv_backward_cpu",
+                                  [&] {
+                                    const scalar_t* w = weight_c.const_data_ptr<scalar_t>();
+                                    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+                                    scalar_t* gt = grad_templates.mutable_data_ptr<scalar_t>();
+                                    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+                                    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+                                    // Templates no instance uses get zeros; every other element is written exactly once
+                                    // below.
+                                    const int64_t template_size = g.C_in * g.H * g.W;
+                                    for (int64_t p = 0; p < g.P; ++p) {
+                                      if (buckets.count(p) == 0)
+                                        std::fill(gt + p * template_size, gt + (p + 1) * template_size, scalar_t(0));
+                                    }
+                                    if (is_direct_case(g)) {
+                                      backward_direct(templates, w, go, gt, gw, gb, g, buckets);
+                                    } else if (backward_fits_one_pass<scalar_t>(g, buckets)) {
+                                      backward_gemm_fused(templates, w, go, gt, gw, gb, g, buckets);
+                                    } else {
+                                      grad_weight_gemm(templates, go, gw, gb, g, buckets);
+                                      grad_templates_gemm(templates, w, go, gt, g, buckets);
+                                    }
+                                  });
   return {grad_templates, grad_weight, grad_bias};
 }
 

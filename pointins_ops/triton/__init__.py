@@ -1,6 +1,6 @@
 """Triton backend of ``instance_aware_conv``.
 
-Contract for ops.py: ``AVAILABLE`` (bool), ``serves(device) -> bool`` and
+Contract for ops.py: ``AVAILABLE`` (bool), ``serves(device) -> bool``, ``unavailable_reason() -> str`` and
 ``instance_aware_conv(templates, weight, bias, index, stride, padding, dilation, groups)`` taking checked,
 normalized arguments and returning a differentiable tensor.
 
@@ -18,21 +18,39 @@ from __future__ import annotations
 
 import torch
 
+# An optional backend: whatever goes wrong while defining the kernels or registering the ops (Triton missing, or
+# a Triton that cannot start without a GPU driver, or an API it lacks) must not take the other backends down with
+# it. The reason is kept for the error that backend="triton" raises.
 try:
     from . import op as _op
-except ImportError:  # Triton is not installed
-    _op = None
-else:
+
     _op.register()
+except Exception as error:  # noqa: BLE001 (recorded in IMPORT_ERROR and reported by unavailable_reason)
+    _op = None
+    IMPORT_ERROR: str | None = f"{type(error).__name__}: {error}"
+else:
+    IMPORT_ERROR = None
 
 AVAILABLE = _op is not None
 INTERPRET = AVAILABLE and _op.INTERPRET
+
+if AVAILABLE:  # under torch.autocast, cast the inputs as F.conv2d's (see pointins_ops/autocast.py)
+    from ..autocast import register_autocast
+
+    register_autocast(_op.FORWARD_OP)
 
 
 def serves(device) -> bool:
     """Whether the Triton kernels can run tensors on ``device``."""
     device = torch.device(device)
     return AVAILABLE and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+def unavailable_reason() -> str:
+    """Why ``serves(device)`` is False, for error messages."""
+    if not AVAILABLE:
+        return f"the Triton backend failed to import ({IMPORT_ERROR})"
+    return "Triton needs a CUDA device, or TRITON_INTERPRET=1 (set before import) for CPU tensors"
 
 
 def instance_aware_conv(templates, weight, bias, index, stride, padding, dilation, groups):

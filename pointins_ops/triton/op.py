@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
 from .. import _registration
+from .._compat import register_op, wrap_triton
 from . import plan, tuning
 from .backward import backward_direct_kernel, backward_gemm_kernel, sum_partials_kernel
 from .bucketing import MAX_KERNEL_PAIRS, bucket_kernel, chunk, sort_by_template_with_torch, templates_per_program
@@ -286,13 +286,6 @@ def _backward(grad_output, templates, weight, index, stride, padding, dilation, 
 # Registration
 # ---------------------------------------------------------------------------------------------------------------
 
-_FORWARD_SCHEMA = ("(Tensor templates, Tensor weight, Tensor? bias, Tensor? index, int[2] stride, int[2] padding, "
-                   "int[2] dilation, int groups) -> Tensor")
-_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor templates, Tensor weight, Tensor? index, int[2] stride, "
-                    "int[2] padding, int[2] dilation, int groups) -> (Tensor grad_templates, Tensor grad_weight, "
-                    "Tensor grad_bias)")
-
-
 def _device_guard(tensor: torch.Tensor):
     """Triton launches on the current CUDA device, which need not be the tensors' device. Fake tensors (tracing,
     torch.compile) need no guard: the compiled code guards the device itself."""
@@ -304,8 +297,8 @@ def _device_guard(tensor: torch.Tensor):
 
 
 def instance_aware_conv_triton(templates: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                               index: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                               dilation: Sequence[int], groups: int) -> torch.Tensor:
+                               index: Optional[torch.Tensor], stride: list[int], padding: list[int],
+                               dilation: list[int], groups: int) -> torch.Tensor:
     """The forward op's implementation (arguments already checked and normalized by ops.py)."""
     with _device_guard(templates):
         return _forward(templates, weight, bias, index, tuple(stride), tuple(padding), tuple(dilation), groups)
@@ -313,7 +306,7 @@ def instance_aware_conv_triton(templates: torch.Tensor, weight: torch.Tensor, bi
 
 def instance_aware_conv_triton_backward(
         grad_output: torch.Tensor, templates: torch.Tensor, weight: torch.Tensor, index: Optional[torch.Tensor],
-        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+        stride: list[int], padding: list[int], dilation: list[int],
         groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_templates, grad_weight, grad_bias), as the C++ backward op returns them."""
     with _device_guard(templates):
@@ -323,18 +316,14 @@ def instance_aware_conv_triton_backward(
 
 def register() -> None:
     """Register the two ops and the forward's autograd (pointins_ops.triton does it once, at import). Importing
-    this module alone registers nothing, so tools can compile its kernels on any torch."""
+    this module alone registers nothing, so tools can compile its kernels on any torch. The ops' schemas are
+    inferred from the launchers' annotations (see _compat.register_op)."""
+    # Interpreted kernels are Python functions that torch.compile cannot trace into a graph, so triton_op's
+    # decomposition (which runs the launchers on fake tensors) would fail. The interpreter registers the same
+    # launchers as opaque custom ops with shape-only fakes instead; torch.compile then calls them as a black box.
+    register_op(FORWARD_OP, instance_aware_conv_triton, traceable=not INTERPRET)
+    register_op(BACKWARD_OP, instance_aware_conv_triton_backward, traceable=not INTERPRET)
     if INTERPRET:
-        # Interpreted kernels are Python functions that torch.compile cannot trace into a graph, so triton_op's
-        # decomposition (which runs the launchers on fake tensors) would fail. The interpreter registers the same
-        # launchers as opaque custom ops with shape-only fakes instead; torch.compile then calls them as a black
-        # box.
-        torch.library.custom_op(FORWARD_OP, mutates_args=(), schema=_FORWARD_SCHEMA)(instance_aware_conv_triton)
-        torch.library.custom_op(BACKWARD_OP, mutates_args=(), schema=_BACKWARD_SCHEMA)(
-            instance_aware_conv_triton_backward)
         _registration.register_fakes(FORWARD_OP, BACKWARD_OP)
-    else:
-        triton_op(FORWARD_OP, mutates_args=(), schema=_FORWARD_SCHEMA)(instance_aware_conv_triton)
-        triton_op(BACKWARD_OP, mutates_args=(), schema=_BACKWARD_SCHEMA)(instance_aware_conv_triton_backward)
     _registration.register_conv_autograd(FORWARD_OP,
                                          torch.ops.pointins_ops.instance_aware_conv_triton_backward.default)
