@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import measure, model, report
+from . import fixed_cost, measure, model, report
 from .providers import make_providers, pointins_backends
 from .run import Config, run
 from .scenarios import MODES, SCENARIOS
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         config = Config(device, scale, scenarios, dtypes, modes, providers, timing, progress=not args.no_progress)
-        rows, ceilings = run(config, model=model)
+        rows, ceilings = run(config, model=model, fixed_cost=fixed_cost)
         info = report.environment(device)
         info["wall_time_s"] = time.perf_counter() - started
         settings = {

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .fixed_cost import TINY, is_fixed_cost
 from .model import MODEL
 from .providers import BEST_REFERENCE, POINTINS
 from .run import COLUMNS
@@ -203,7 +204,7 @@ def markdown(rows: list[dict], info: dict, ceilings, settings: dict) -> str:
         out.append("")
     sections: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row["kind"] != MODEL:
+        if row["kind"] != MODEL and not is_fixed_cost(row):
             sections.setdefault((row["dtype"], row["mode"]), []).append(row)
     for (dtype, mode), section in sections.items():
         out += [f"### {dtype}, {mode}", "",
@@ -211,6 +212,19 @@ def markdown(rows: list[dict], info: dict, ceilings, settings: dict) -> str:
                 "| check (rel. error) |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         out += [_row_line(row) for row in section]
+        out.append("")
+    fixed_rows = [row for row in rows if is_fixed_cost(row)]
+    if fixed_rows:
+        out += [f"### Fixed cost of one call (float32, {TINY.describe()})", "",
+                "| provider | mode | median µs | p20–p80 µs | speedup | check (rel. error) |", "|---|---|---|---|---|---|"]
+        for row in fixed_rows:
+            name = f"**{row['provider']}**" if row["kind"].endswith(POINTINS) else row["provider"]
+            if row["status"] != "ok":
+                out.append(f"| {name} | {row['mode']} | {row['status']} | | | {_check(row)} |")
+                continue
+            out.append(f"| {name} | {row['mode']} | {_number(row['median_s'] * 1e6)} | "
+                       f"{_number(row['p20_s'] * 1e6)}–{_number(row['p80_s'] * 1e6)} | {speedup_text(row)} | "
+                       f"{_check(row)} |")
         out.append("")
     model_rows = [row for row in rows if row["kind"] == MODEL]
     out += [f"### Model level: PointINS mask branch (model: {settings['model']})", ""]
@@ -270,7 +284,7 @@ def write_plot(rows: list[dict], info: dict, directory: Path) -> list[Path]:
     written = []
     for dtype in dict.fromkeys(row["dtype"] for row in rows):
         timed = [row for row in rows if row["dtype"] == dtype and row["status"] == "ok"
-                 and row["kind"] not in (BEST_REFERENCE, MODEL)]
+                 and row["kind"] not in (BEST_REFERENCE, MODEL) and not is_fixed_cost(row)]
         if not timed:
             continue
         modes = list(dict.fromkeys(row["mode"] for row in timed))

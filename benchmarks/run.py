@@ -284,13 +284,15 @@ def benchmark_group(config: Config, scenario: Scenario, dtype: torch.dtype, prov
     return [row for row in rows.values()] + best_rows
 
 
-def run(config: Config, model=None) -> tuple[list[dict], measure.Ceilings]:
+def run(config: Config, model=None, fixed_cost=None) -> tuple[list[dict], measure.Ceilings]:
     """All rows of the run and the ceilings: per scenario and dtype, the providers' rows and the best-reference
-    row, mode by mode; then the model-level rows of ``model`` (see benchmarks/model.py), if given."""
+    row, mode by mode; then the model-level rows of ``model`` (benchmarks/model.py) and the fixed-cost rows of
+    ``fixed_cost`` (benchmarks/fixed_cost.py), if given."""
     scenarios = [scenario.scaled(config.scale) for scenario in config.scenarios]
     work = sum(len(config.modes) for scenario in scenarios for _ in config.dtypes
                for provider in config.providers if provider.applies_to(scenario))
     work += model.work(config) if model is not None else 0
+    work += fixed_cost.work(config) if fixed_cost is not None else 0
     progress = Progress(work, config.progress)
     ceilings = measure.measure_ceilings(config.device, config.dtypes, config.scale == "quick", config.timing)
     rows: list[dict] = []
@@ -308,6 +310,8 @@ def run(config: Config, model=None) -> tuple[list[dict], measure.Ceilings]:
                 rows += _ordered(group, config.modes)
         if model is not None:
             rows += model.rows(config, progress)
+        if fixed_cost is not None:
+            rows += fixed_cost.rows(config, progress)
     finally:
         progress.close()
     return rows, ceilings

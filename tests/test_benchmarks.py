@@ -47,7 +47,7 @@ def quick(tmp_path_factory):
 
 
 def _operator_rows(rows):
-    return [row for row in rows if row["kind"] != "model"]
+    return [row for row in rows if row["kind"] in (POINTINS, REFERENCE, BEST_REFERENCE)]
 
 
 def test_every_provider_has_a_row_per_scenario_dtype_and_mode(quick):
@@ -105,6 +105,18 @@ def test_model_rows_when_the_model_package_provides_the_mask_branch(quick):
     for row in model_rows:
         assert row["status"] == "ok" and row["verified"] is True, row
         assert row["median_s"] > 0 and row["speedup"] > 0 and row["peak_extra_bytes"] is not None, row
+
+
+def test_fixed_cost_rows_time_every_provider_on_a_tiny_problem(quick):
+    rows = [row for row in quick["rows"] if row["kind"].startswith("fixed-cost")]
+    backends = [name for name in available_backends("cpu") if name not in ("torch", "triton")]
+    assert {(row["provider"], row["mode"]) for row in rows} == {
+        (name, mode) for name in backends + [f for f in FORMULATIONS if f != "einsum_1x1"]
+        for mode in ("forward", "forward+backward")}
+    for row in rows:
+        assert row["status"] == "ok" and row["verified"] is True, row
+        assert row["median_s"] > 0 and row["speedup"] > 0, row
+    assert "### Fixed cost of one call" in quick["stdout"]
 
 
 def test_markdown_table_on_stdout_has_every_row_filled(quick):

@@ -45,6 +45,8 @@ ENGINE_CASES = {
     # 300 rows on one template: more than one product's 256; groups 2
     "many-rows": Case(P=2, C_in=8, H=6, W=7, N=40, C_out=16, kernel=(3, 3), padding=(1, 1), groups=2,
                       index="single", seed=5),
+    # narrow output rows with wide gaps between them (W_out 2, pitch 10): short runs, whole-vector copies refused
+    "narrow-rows": Case(P=2, C_in=6, H=9, W=6, N=4, C_out=4, kernel=(3, 5), padding=(1, 2), dilation=(1, 2), seed=11),
     # stride 2: im2col tiles instead of shifted planes
     "strided-im2col": Case(P=3, C_in=12, H=21, W=19, N=6, C_out=8, kernel=(3, 3), stride=(2, 2), padding=(1, 1),
                            seed=6),

@@ -187,6 +187,42 @@ struct PixelSpace {
   }
 };
 
+// The runs of one output row, from a row of positions: dst[run.pixel + t] = src[run.q + t] (+ shift, narrowed)
+// for t < run.length. A run shorter than a vector is written as a whole vector when the excess lands on the next
+// run, which overwrites it, and stays inside the tile: rows of a 14-pixel-wide output still move in whole
+// vectors. src must be readable a vector past every run but the last (a product's padded row is).
+template <typename scalar_t, typename acc_t>
+void store_runs(const acc_t* src, acc_t shift, const std::vector<PixelSpace::Run>& runs, scalar_t* dst) {
+  const int64_t end = runs.empty() ? 0 : runs.back().pixel + runs.back().length;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const PixelSpace::Run& run = runs[r];
+    if (run.length < kLanes && r + 1 < runs.size() && runs[r + 1].pixel == run.pixel + run.length &&
+        run.pixel + kLanes <= end) {
+      store_row(src + run.q, shift, kLanes, dst + run.pixel);
+    } else {
+      store_row(src + run.q, shift, run.length, dst + run.pixel);
+    }
+  }
+}
+
+// The adjoint, into positions [q0, q_end) whose gaps are zero: dst[run.q + t] = src[run.pixel + t] for the runs
+// (dst zeroed beforehand; src a row of `pixels`). A whole-vector copy is used only when its excess ends inside
+// the next run: the part in the gap is zeroed again, the next run's copy overwrites the rest.
+template <typename scalar_t>
+void copy_runs(const scalar_t* src, int64_t pixels, const std::vector<PixelSpace::Run>& runs, int64_t q_end,
+               scalar_t* dst) {
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const PixelSpace::Run& run = runs[r];
+    if (run.length < kLanes && r + 1 < runs.size() && run.pixel + kLanes <= pixels && run.q + kLanes <= q_end &&
+        run.q + kLanes <= runs[r + 1].q + runs[r + 1].length) {
+      std::memcpy(dst + run.q, src + run.pixel, kLanes * sizeof(scalar_t));
+      std::fill(dst + run.q + run.length, dst + std::min(run.q + kLanes, runs[r + 1].q), scalar_t(0));
+    } else {
+      std::copy(src + run.pixel, src + run.pixel + run.length, dst + run.q);
+    }
+  }
+}
+
 // Positions per column tile: at most kPixelTile, fewer for long reductions so a packed tile stays in L2; a
 // span of at most 1.5 tiles is one tile. A multiple of 32 otherwise (the AMX kernel's block), so
 // grad_weight's sums over positions group identically whatever the tile.
@@ -358,8 +394,7 @@ struct GradTile {
       scalar_t* dst = data + m * T;
       std::fill(dst, dst + T, scalar_t(0));
       const scalar_t* src = sources[m];
-      for (const PixelSpace::Run& run : runs)
-        std::copy(src + run.pixel, src + run.pixel + run.length, dst + (run.q - q0));
+      copy_runs(src, pixels, runs, q0 + T, dst - q0);
       rows[m] = dst;
     }
     offset = 0;
@@ -430,7 +465,6 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
     thread_local Scratch<acc_t> product;
     std::vector<const scalar_t*> weight_rows;
     std::vector<PixelSpace::Run> runs;
-    std::vector<scalar_t> narrow(plan.tile);
     cpu::with_isa(plan.isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / (g.groups * plan.tiles)];
@@ -452,14 +486,7 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
             const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
             const acc_t* src = c + m * ldc - q0;
             scalar_t* dst = out + row * plan.pixels;
-            if (runs.size() == 1 || std::is_same_v<scalar_t, acc_t>) {
-              for (const PixelSpace::Run& run : runs) store_row(src + run.q, shift, run.length, dst + run.pixel);
-            } else {  // narrowed over the whole tile at once (whole vectors), then the runs copied out
-              store_row(src + q0, shift, T, narrow.data());
-              for (const PixelSpace::Run& run : runs) {
-                std::copy(narrow.data() + (run.q - q0), narrow.data() + (run.q - q0) + run.length, dst + run.pixel);
-              }
-            }
+            store_runs(src, shift, runs, dst);
           }
         }
       }
