@@ -21,7 +21,7 @@ def test_a_triton_backend_that_fails_to_import_leaves_the_others_working_and_say
 
         class Broken:
             def find_spec(self, name, path=None, target=None):
-                if name == "pointins_ops.triton.kernels":
+                if name == "pointins_ops.triton.op":
                     raise RuntimeError("planted failure")
                 return None
 
