@@ -223,19 +223,23 @@ class Operands:
     @property
     def budget(self) -> int:
         """float32 accumulator elements a program may hold: 64 registers per thread at 8 warps for 16-bit
-        operands, half for TF32, an eighth for IEEE float32, halved again for 64-bit offsets. Larger tiles spill
-        on sm_90 (tests/test_triton.py compiles every candidate)."""
+        operands, half for TF32, an eighth for IEEE float32, halved again for 64-bit offsets (IEEE float32 twice:
+        its 4-warp programs hold their operand tiles in registers too, and a 16 x 64 tile with 64-bit offsets spilled
+        with Triton 3.6). Larger tiles spill on sm_90 (tests/test_triton.py compiles every candidate)."""
         base = {"16-bit": MAX_ACC, "tf32": MAX_ACC // 2, "ieee": MAX_ACC // 8}[self.kind]
-        return base // 2 if self.wide else base
+        if not self.wide:
+            return base
+        return base // 4 if self.kind == "ieee" else base // 2
 
     def warps(self, accumulator: int) -> int:
         """Chosen by rule, not tuned: tensor-core programs take 8 warps when their accumulator exceeds a quarter of
-        the budget, else 4 (an 8-warp program with a small accumulator spills: ptxas caps it at 80 registers with
-        Triton 3.6); IEEE float32 4 (at 8 warps ptxas caps its FMA-dot kernels near 128 registers and they spill).
-        Seen compiling for sm_90 with Triton 3.6 and 3.8."""
+        the budget (an eighth with 64-bit offsets, whose index vectors take registers too: a 16 x 128 forward tile
+        spilled at 4 warps with Triton 3.6), else 4 (an 8-warp program with a small accumulator spills: ptxas caps
+        it at 80 registers with Triton 3.6); IEEE float32 4 (at 8 warps ptxas caps its FMA-dot kernels near 128
+        registers and they spill). Seen compiling for sm_90 with Triton 3.6 and 3.8."""
         if self.kind == "ieee":
             return 4
-        return 8 if accumulator * 4 > self.budget else 4
+        return 8 if accumulator * (8 if self.wide else 4) > self.budget else 4
 
     @property
     def channels(self) -> int:
