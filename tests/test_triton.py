@@ -201,9 +201,12 @@ def test_every_autotune_candidate_matches_and_gives_the_same_bits(dtype, monkeyp
     for name in ("small-templates", "large-templates", "strided", "1x1"):
         for kernel, count in _run_each_candidate(PATH_CASES[name], dtype, monkeypatch).items():
             seen[f"{name}/{kernel}"] = count
-    # Each autotuned launch kind had more than one candidate here, so the loop above compared something.
-    assert {key.split("/")[1] for key, count in seen.items() if count > 1} >= {
-        "forward_gemm", "backward_fused", "backward_grad_templates"}, seen
+    # Each autotuned launch kind had more than one candidate here, so the loop above compared something. (IEEE
+    # float32's backward has one grad_templates tile: plan.backward_gemm_plan, the only width that compiles without
+    # spills on every tested Triton; nothing is chosen there, so nothing can depend on the choice.)
+    autotuned = {"forward_gemm"} if dtype == torch.float32 else {"forward_gemm", "backward_fused",
+                                                                   "backward_grad_templates"}
+    assert {key.split("/")[1] for key, count in seen.items() if count > 1} >= autotuned, seen
 
 
 def test_config_choice_never_benchmarks_under_capture_or_tracing(monkeypatch):

@@ -362,8 +362,12 @@ def backward_gemm_plan(geom: Geometry, operands: Operands, align: int) -> Backwa
     block_c = block_channels(geom, operands)
     c_chunks = cdiv(geom.Cg, block_c)
     templates = geom.hint("templates_in_grid") * geom.G * size_hint(c_chunks)
-    # (with 64-bit offsets a 128-pixel tile of grad_templates spills on sm_90)
-    gt_tiles = [dict(BLOCK_PI=64)] if operands.wide else [dict(BLOCK_PI=128), dict(BLOCK_PI=64)]
+    # Tiles that compile for sm_90 without spills with Triton 3.5, 3.6 and 3.8: with 64-bit offsets a 128-pixel
+    # tile spills (3.6), and for IEEE float32 a 64-pixel one too (3.5, which caps those programs at 72 registers).
+    if operands.kind == "ieee":
+        gt_tiles = [dict(BLOCK_PI=32)] if operands.wide else [dict(BLOCK_PI=128)]
+    else:
+        gt_tiles = [dict(BLOCK_PI=64)] if operands.wide else [dict(BLOCK_PI=128), dict(BLOCK_PI=64)]
 
     def gt_accumulator(tile):
         return tile["BLOCK_PI"] * block_c
