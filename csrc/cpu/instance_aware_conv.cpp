@@ -413,14 +413,33 @@ void add_to_lanes(int64_t begin, int64_t end, acc_t* lanes, Value&& value) {
   for (; q < end; ++q) lanes[q % kLanes] += value(q);
 }
 
+// kLanes accumulation-type values as one vector (a register or a few, whatever the instruction set), and its
+// unaligned loads and stores.
+template <typename acc_t>
+struct LanesOf {
+  typedef acc_t type __attribute__((vector_size(kLanes * sizeof(acc_t))));
+};
+template <typename acc_t>
+using Lanes = typename LanesOf<acc_t>::type;
+
+template <typename acc_t>
+POINTINS_CONVERT_INLINE Lanes<acc_t> load_lanes(const acc_t* p) {
+  Lanes<acc_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+POINTINS_CONVERT_INLINE void store_lanes(acc_t* p, const Lanes<acc_t>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // A fixed tree over kLanes partial sums: level[i] + level[i + width] for width 8, 4, 2, 1, one shuffle and one
 // add in registers per level (lanes at and past `width` are left over and never read again).
 template <typename acc_t>
 acc_t reduce_lanes(const acc_t* lanes) {
   static_assert(kLanes == 16, "the shuffles below are written for 16 lanes");
-  typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
-  Lanes level;
-  std::memcpy(&level, lanes, sizeof(Lanes));
+  Lanes<acc_t> level = load_lanes(lanes);
   level = level + __builtin_shufflevector(level, level, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
   level = level + __builtin_shufflevector(level, level, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
   level = level + __builtin_shufflevector(level, level, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
@@ -879,49 +898,20 @@ void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeom
   }
 }
 
-// Sums of x[q] * y[q] (or of x[q] alone, y null) over q < n (a multiple of kLanes), in kLanes lanes by q, then
-// a fixed tree: the same order whatever the instruction set.
+// The sum of x[q] over q < n (a multiple of kLanes), in kLanes lanes by q, then the fixed tree of reduce_lanes:
+// the same order whatever the instruction set.
 template <typename acc_t>
-acc_t dot_lanes(const acc_t* x, const acc_t* y, int64_t n) {
-  typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
-  Lanes sum{};
-  for (int64_t q = 0; q < n; q += kLanes) {
-    Lanes a;
-    std::memcpy(&a, x + q, sizeof(Lanes));
-    if (y != nullptr) {
-      Lanes b;
-      std::memcpy(&b, y + q, sizeof(Lanes));
-      sum += a * b;
-    } else {
-      sum += a;
-    }
-  }
+acc_t sum_lanes(const acc_t* x, int64_t n) {
+  Lanes<acc_t> sum{};
+  for (int64_t q = 0; q < n; q += kLanes) sum += load_lanes(x + q);
   acc_t lanes[kLanes];
-  std::memcpy(lanes, &sum, sizeof(Lanes));
+  store_lanes(lanes, sum);
   return reduce_lanes(lanes);
 }
 
 // The extended-row loops below run over whole vectors: per vector of positions, every tap's term is summed in
 // registers and the result stored once (the planes, a few KiB, stay in L1). Each element still sees its taps
 // in tap order, so the bits are those of a tap-by-tap loop.
-template <typename acc_t>
-struct LanesOf {
-  typedef acc_t type __attribute__((vector_size(kLanes * sizeof(acc_t))));
-};
-template <typename acc_t>
-using Lanes = typename LanesOf<acc_t>::type;
-
-template <typename acc_t>
-POINTINS_CONVERT_INLINE Lanes<acc_t> load_lanes(const acc_t* p) {
-  Lanes<acc_t> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename acc_t>
-POINTINS_CONVERT_INLINE void store_lanes(acc_t* p, const Lanes<acc_t>& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 // out[x] = start[x] + sum over taps t of weights[t] * src[x + direction * offsets[t]] for x in [begin, end) (whole
 // vectors), where start is `init` or, when it is null, `shift` everywhere. Four vectors at a time, so four
@@ -953,7 +943,7 @@ void taps_multiply_add(const acc_t* src, const int64_t* offsets, int64_t directi
 }
 
 // out[t] = sum over q < lanes of grad[q] * padded[q + offsets[t]] for Taps taps, in lanes by q (grad read once
-// for all of them), then the fixed tree of reduce_lanes: the order of dot_lanes.
+// for all of them), then the fixed tree of reduce_lanes.
 template <int64_t Taps, typename acc_t>
 void tap_dots(const acc_t* grad, const acc_t* padded, const int64_t* offsets, int64_t lanes, acc_t* out) {
   Lanes<acc_t> sums[Taps] = {};
@@ -963,7 +953,7 @@ void tap_dots(const acc_t* grad, const acc_t* padded, const int64_t* offsets, in
   }
   for (int64_t t = 0; t < Taps; ++t) {
     acc_t lanes_of_t[kLanes];
-    std::memcpy(lanes_of_t, &sums[t], sizeof(sums[t]));
+    store_lanes(lanes_of_t, sums[t]);
     out[t] = reduce_lanes(lanes_of_t);
   }
 }
@@ -1080,7 +1070,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
             // grad_bias: the row widened (zeros past its end), summed in lanes by pixel, then a fixed tree.
             std::fill(row_values.begin() + pixels, row_values.end(), acc_t(0));
             load_row(go + row * pixels, pixels, row_values.data());
-            gb[row] = from_acc<scalar_t>(dot_lanes<acc_t>(row_values.data(), nullptr, row_values.size()));
+            gb[row] = from_acc<scalar_t>(sum_lanes(row_values.data(), static_cast<int64_t>(row_values.size())));
             if (plane.extended) {
               // grad_output in extended rows (gaps and slack zero): per tap one dot product (grad_weight) and one
               // multiply-add back onto the padded plane (grad_templates).

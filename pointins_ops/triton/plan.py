@@ -247,6 +247,15 @@ class Operands:
         return MIN_DOT if self.kind == "ieee" else 64
 
     @property
+    def template_tiles(self) -> list:
+        """grad_templates' tile widths (template pixels), the autotuning candidates: those that compile for sm_90
+        without spills with Triton 3.5, 3.6 and 3.8. With 64-bit offsets a 128-pixel tile spills (3.6), and for
+        IEEE float32 a 64-pixel one too (3.5, which caps those programs at 72 registers)."""
+        if self.kind == "ieee":
+            return [32] if self.wide else [128]
+        return [64] if self.wide else [128, 64]
+
+    @property
     def fused_rows(self) -> int:
         """Rows per block of the fused backward, whose grad_output tile is an operand of two dots."""
         rows = {"16-bit": 64, "tf32": 32, "ieee": MIN_DOT}[self.kind]
@@ -362,12 +371,7 @@ def backward_gemm_plan(geom: Geometry, operands: Operands, align: int) -> Backwa
     block_c = block_channels(geom, operands)
     c_chunks = cdiv(geom.Cg, block_c)
     templates = geom.hint("templates_in_grid") * geom.G * size_hint(c_chunks)
-    # Tiles that compile for sm_90 without spills with Triton 3.5, 3.6 and 3.8: with 64-bit offsets a 128-pixel
-    # tile spills (3.6), and for IEEE float32 a 64-pixel one too (3.5, which caps those programs at 72 registers).
-    if operands.kind == "ieee":
-        gt_tiles = [dict(BLOCK_PI=32)] if operands.wide else [dict(BLOCK_PI=128)]
-    else:
-        gt_tiles = [dict(BLOCK_PI=64)] if operands.wide else [dict(BLOCK_PI=128), dict(BLOCK_PI=64)]
+    gt_tiles = [dict(BLOCK_PI=width) for width in operands.template_tiles]
 
     def gt_accumulator(tile):
         return tile["BLOCK_PI"] * block_c
