@@ -234,9 +234,6 @@ if [[ "$rehearse" == 1 ]]; then
 else
   bench_backends=(cuda triton) bench_options=(--device cuda)
 fi
-# Until every checkout has the benchmark CLI's --output, fall back to its older spelling.
-out_flag=--output
-python3 -m benchmarks --help 2>/dev/null | grep -q -- '--output' || out_flag=--out
 t0=$(date +%s)
 ran=0 failed=0 left_out=()
 for scenario in pointins-train pointins-infer condinst solov2 yolact pointins-1x1 pointins-dw; do
@@ -245,7 +242,7 @@ for scenario in pointins-train pointins-infer condinst solov2 yolact pointins-1x
     if (( seconds < 30 * scale )); then left_out+=("$scenario/$backend"); continue; fi
     echo "== benchmark $scenario, backend $backend (limit $seconds s)" | tee -a "$out_dir/benchmarks.log"
     timeout -s INT -k 10 "$seconds" python3 -m benchmarks "${bench_options[@]}" --backend "$backend" \
-      --scenario "$scenario" "$out_flag" "$work/bench/$scenario-$backend" --no-plot --no-progress \
+      --scenario "$scenario" --output "$work/bench/$scenario-$backend" --no-plot --no-progress \
       >>"$out_dir/benchmarks.log" 2>&1
     rc=$?
     ran=$((ran + 1))
