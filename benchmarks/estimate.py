@@ -11,7 +11,8 @@ Each backend's plan is a list of kernel launches, one record each:
 * ``triton``: the launches the real launchers make (``pointins_ops.triton.compile.record`` runs them on meta
   tensors with the launch recorded instead of run: same kernels, grids, tiles and splits), each default
   candidate compiled for sm_90 (registers, shared memory, HGMMA or FMA, cp.async) unless ``--no-compile``.
-* ``cuda``: ``benchmarks/estimate_cuda.py``'s ``plan(scenario, mode, dtype)`` when that file exists.
+* ``cuda``: ``benchmarks/estimate_cuda.py``'s ``plan(scenario, mode, dtype)``: the launches the CUDA host code
+  makes, recorded by the CUDA emulation (``csrc/cuda/emulation/emulate.py --record``), each costed from its tiles.
 * the pure-PyTorch formulations of ``pointins_ops/reference.py``, launch by launch as PyTorch runs them (gathers,
   im2col, cuDNN / cuBLAS calls, copies, index_add, per-template loops), and the best of them per row.
 

@@ -231,3 +231,40 @@ def test_speedup_spread_and_uncertainty_come_from_paired_rounds():
     assert by_name["clear"]["speedup_p20"] > 1.0
     assert by_name["unsure"]["uncertain"] and by_name["unsure"]["speedup_p20"] < 1.0 < by_name["unsure"]["speedup_p80"]
     assert by_name["base"]["speedup"] == 1.0 and not by_name["base"]["uncertain"]
+
+
+def test_cuda_estimate_costs_the_launches_the_cuda_host_code_makes():
+    # benchmarks/estimate_cuda.py takes its launches from the CUDA emulation's record mode: the host code of
+    # csrc/cuda/ plans, buckets and launches on empty tensors of the scenario's sizes, kernel bodies not run. The
+    # record names every kernel, and a persistent grid is as large as its work: here the forward's row-tile capacity
+    # (N * C_out / tile_rows + min(N, P + 1)) and the fused backward's (P + 1) units.
+    from benchmarks import estimate, estimate_cuda
+
+    train = SCENARIOS["pointins-train"]
+    launches = estimate_cuda.launches(train, "bfloat16")
+    plans = estimate_cuda.parse_plans(launches["plans"])
+    assert [launch["kernel"].split("<")[0] for launch in launches["forward"]] == ["bucket_kernel", "conv_forward_kernel"]
+    assert [launch["kernel"].split("<")[0] for launch in launches["backward"]] == ["bucket_kernel",
+                                                                                 "conv_backward_kernel"]
+    assert "BFloat16" in launches["forward"][1]["kernel"] and plans["backward conv"].get("fused")
+    tile_rows = plans["forward conv"]["rows"]
+    assert launches["forward"][1]["grid"][0] == train.N * train.C_out // tile_rows + min(train.N, train.P + 1)
+    assert launches["backward"][1]["grid"][0] == train.P + 1
+    assert all(launch["smem"] <= 232448 for part in ("forward", "backward") for launch in launches[part])
+
+    kinds = {"solov2": {"bucket_kernel", "pointwise forward", "pointwise grad_weight", "sum_splits",
+                        "pointwise grad_templates"},
+             "pointins-dw": {"bucket_kernel", "depthwise forward", "depthwise backward"},
+             "pointins-infer": {"conv_forward", "conv_backward (fused)"}}  # identity index: no bucketing
+    for name, expected in kinds.items():
+        records = estimate_cuda.plan(SCENARIOS[name], "forward+backward", "bfloat16")
+        assert {r["kernel"] for r in records} == expected, (name, [r["kernel"] for r in records])
+        for r in records:
+            assert r["seconds"] >= estimate.LAUNCH_S and r["basis"] and r["programs"] >= 1, r
+            assert r["kernel"] == "bucket_kernel" or r["bytes"] > 0, r
+    # The issued multiply-adds are at least the useful ones (padding only adds), and float32 runs on FMA.
+    for dtype in ("bfloat16", "float32"):
+        records = estimate_cuda.plan(train, "forward", dtype)
+        assert sum(r["flops"] for r in records) >= train.flops("forward"), dtype
+    rows, note = estimate.estimate_rows([train], ["forward+backward"], ["float32"], compile_kernels=False)
+    assert note == "" and {row["backend"] for row in rows} == {"triton", "cuda"}

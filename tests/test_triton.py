@@ -477,8 +477,8 @@ def test_kernels_compile_for_gpu_targets():
 def test_estimate_runs_and_gives_each_kernel_its_reasoning():
     # benchmarks/estimate.py (the README's GPU estimate) stays runnable: one scenario and mode, no compiles. Its
     # Triton plan comes from the real launchers, so a launcher change that breaks it shows here.
-    result = subprocess.run([sys.executable, "-m", "benchmarks.estimate", "--no-compile", "--scenario", "condinst",
-                             "--dtype", "bfloat16", "--mode", "forward+backward", "--kernels"],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.estimate", "--no-compile", "--no-cuda", "--scenario",
+                             "condinst", "--dtype", "bfloat16", "--mode", "forward+backward", "--kernels"],
                             capture_output=True, text=True, timeout=600, env=_without_interpreter(),
                             cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -215,6 +215,8 @@ TORCH_LIBRARY(emu_ops, m) {
   m.def("backward(Tensor grad_output, Tensor templates, Tensor weight, Tensor? index, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
   m.def("launches() -> int", [] { return static_cast<int64_t>(emu::launch_count()); });
+  m.def("record(bool on) -> ()", [](bool on) { emu::set_recording(on); });
+  m.def("records() -> str", [] { return emu::take_records(); });
   m.def("describe(Tensor templates, Tensor weight, Tensor? index, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> str");
 }

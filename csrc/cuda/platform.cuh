@@ -35,9 +35,10 @@ inline int compute_capability() { return 90; }
 inline std::size_t max_dynamic_smem() { return emu::kMaxSharedOptin; }
 // Blocks of a kernel resident on one multiprocessor: the emulation runs blocks one after another, and a small
 // number makes the persistent loops take several tiles per block, as they do on a large problem on the GPU.
+// In record mode (estimate_cuda.py) "unbounded", so that a persistent grid counts its work units.
 template <typename Kernel>
 int resident_blocks(Kernel, int, std::size_t) {
-  return 1;
+  return emu::recording() ? (1 << 22) : 1;
 }
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, std::size_t bytes) {

@@ -3,6 +3,7 @@
     python csrc/cuda/emulation/emulate.py              # every suite (~N minutes on 2 cores; see README)
     python csrc/cuda/emulation/emulate.py --quick      # a sample of each suite (a few minutes)
     python csrc/cuda/emulation/emulate.py edge tf32    # chosen suites
+    python csrc/cuda/emulation/emulate.py --record < calls.json   # the launches of calls, not run (JSON out)
 
 The sources in csrc/cuda/*.cu are compiled unchanged as C++ with -DPOINTINS_EMULATION: platform.cuh and
 primitives.cuh then map launches, barriers, warp collectives, mma.sync, ldmatrix and cp.async onto the CPU
@@ -297,11 +298,90 @@ def run_suite(suite: str, quick: bool) -> int:
     return count
 
 
+def kernel_names() -> dict[int, str]:
+    """{offset in the emulation library: demangled kernel name} of the library's __global__ functions."""
+    import subprocess
+
+    library = os.path.join(tempfile.gettempdir(), "pointins-cuda-emulation", "pointins_cuda_emulation.so")
+    listing = subprocess.run(["nm", "-C", "--defined-only", library], capture_output=True, text=True, check=True)
+    names = {}
+    for line in listing.stdout.splitlines():
+        address, kind, name = line.split(" ", 2)
+        if kind in "tT" and "pointins_ops::cuda::" in name and "[clone" not in name:
+            names[int(address, 16)] = name
+    return names
+
+
+def _short_name(name: str) -> str:
+    """'void pointins_ops::cuda::(anonymous namespace)::conv_forward_kernel<pointins_ops::cuda::...>(...)' ->
+    'conv_forward_kernel<...>' with namespaces dropped and the argument list cut."""
+    name = name.removeprefix("void ")
+    depth, end = 0, len(name)
+    for i, char in enumerate(name):  # the argument list: the first '(' outside template brackets after the name
+        depth += char == "<"
+        depth -= char == ">"
+        if char == "(" and depth == 0 and not name[:i].endswith("::"):
+            end = i
+            break
+    return re.sub(r"(pointins_ops::cuda::|\(anonymous namespace\)::|c10::)", "", name[:end])
+
+
+def record_calls(calls: list[dict]) -> list[dict]:
+    """The launches each call's forward and backward would make on an sm_90 device, recorded by the very host
+    code the GPU build runs (kernel bodies not run; persistent grids as large as their work).
+
+    A call: {"templates": shape, "weight": shape, "bias": bool, "index": list of ints or None, "stride",
+    "padding", "dilation": pairs, "groups": int, "dtype": "bfloat16" | "float16" | "float32", "tf32": bool}.
+    Returns per call {"forward": [launch], "backward": [launch], "plans": describe()'s text}, a launch being
+    {"kernel", "grid": [x, y, z], "threads", "smem"}."""
+    names = kernel_names()
+    results = []
+    for call in calls:
+        dtype = getattr(torch, call["dtype"])
+        set_tf32(bool(call.get("tf32", False)))
+        templates = torch.empty(call["templates"], dtype=dtype)
+        weight = torch.empty(call["weight"], dtype=dtype)
+        N, C_out = call["weight"][0], call["weight"][1]
+        bias = torch.empty(N, C_out, dtype=dtype) if call["bias"] else None
+        index = torch.tensor(call["index"], dtype=torch.int64) if call["index"] is not None else None
+        conv = (list(call["stride"]), list(call["padding"]), list(call["dilation"]), call["groups"])
+        result = {"plans": torch.ops.emu_ops.describe(templates, weight, index, *conv)}
+        torch.ops.emu_ops.record(True)
+        try:
+            torch.ops.emu_ops.records()
+            output = torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
+            result["forward"] = torch.ops.emu_ops.records()
+            torch.ops.emu_ops.backward(torch.empty_like(output), templates, weight, index, *conv)
+            result["backward"] = torch.ops.emu_ops.records()
+        finally:
+            torch.ops.emu_ops.record(False)
+        for part in ("forward", "backward"):
+            launches = []
+            for line in result[part].splitlines():
+                offset, gx, gy, gz, threads, smem = line.split()
+                launches.append(dict(kernel=_short_name(names.get(int(offset, 16), f"unknown@{offset}")),
+                                     grid=[int(gx), int(gy), int(gz)], threads=int(threads), smem=int(smem)))
+            result[part] = launches
+        results.append(result)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", help=f"any of {', '.join(SUITES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="a sample of each suite")
+    parser.add_argument("--record", action="store_true",
+                        help="read calls as JSON on stdin, write their recorded launches as JSON (record_calls)")
     args = parser.parse_args(argv)
+    if args.record:
+        import contextlib
+        import json
+
+        calls = json.load(sys.stdin)
+        with contextlib.redirect_stdout(sys.stderr):  # the build's messages
+            build()
+        json.dump(record_calls(calls), sys.stdout)
+        return
     started = time.time()
     build()
     print(f"built in {time.time() - started:.0f} s", flush=True)

@@ -107,6 +107,13 @@ struct LaunchConfig {
 void run_launch(const LaunchConfig& config, const std::function<void()>& body);
 void set_max_dynamic_smem(const void* kernel, std::size_t bytes);
 long launch_count();
+// Record mode (benchmarks/estimate_cuda.py): launches are checked and recorded, their bodies not run, and every
+// persistent grid is as large as its work (resident_blocks answers "unbounded"), so a record names the work
+// units a GPU's persistent blocks would share. Each record: "<kernel offset in its library> <grid.x> <grid.y>
+// <grid.z> <block.x> <shared bytes>", one line per launch; taking them clears the list.
+void set_recording(bool on);
+bool recording();
+std::string take_records();
 
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t smem, A&&... args) {

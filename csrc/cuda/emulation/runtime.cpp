@@ -2,6 +2,7 @@
 // ldmatrix, mma.sync, cp.async and kernel launches. x86-64 only (one small assembly routine switches contexts).
 #include "prelude.h"
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -89,6 +90,9 @@ thread_local Fiber* current_fiber = nullptr;
 std::mutex attribute_mutex;
 std::unordered_map<const void*, std::size_t> smem_optin;
 std::atomic<long> launches{0};
+std::atomic<bool> recording_launches{false};
+std::mutex records_mutex;
+std::ostringstream records;
 
 uint64_t seed_from_environment() {
   const char* text = std::getenv("POINTINS_EMU_SEED");
@@ -539,6 +543,15 @@ void set_max_dynamic_smem(const void* kernel, std::size_t bytes) {
 
 long launch_count() { return launches.load(); }
 
+void set_recording(bool on) { recording_launches = on; }
+bool recording() { return recording_launches.load(); }
+std::string take_records() {
+  std::lock_guard<std::mutex> lock(records_mutex);
+  std::string text = records.str();
+  records.str("");
+  return text;
+}
+
 void run_launch(const LaunchConfig& config, const std::function<void()>& body) {
   ++launches;
   const dim3 g = config.grid, b = config.block;
@@ -556,6 +569,16 @@ void run_launch(const LaunchConfig& config, const std::function<void()>& body) {
     }
   }
   if (!bad.str().empty()) throw std::runtime_error("emulation: invalid launch: " + bad.str());
+  if (recording_launches.load()) {
+    Dl_info info{};
+    const auto address = reinterpret_cast<std::uintptr_t>(config.kernel);
+    const std::uintptr_t base =
+        dladdr(config.kernel, &info) != 0 ? reinterpret_cast<std::uintptr_t>(info.dli_fbase) : 0;
+    std::lock_guard<std::mutex> lock(records_mutex);
+    records << std::hex << (address - base) << std::dec << ' ' << g.x << ' ' << g.y << ' ' << g.z << ' ' << b.x
+            << ' ' << config.smem << '\n';
+    return;
+  }
 
   const unsigned long blocks = static_cast<unsigned long>(g.x) * g.y * g.z;
   const char* text = std::getenv("POINTINS_EMU_THREADS");
