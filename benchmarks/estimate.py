@@ -215,10 +215,10 @@ def _triton_launch_record(launch, shape: Shape, report: dict | None) -> dict:
     if name.startswith("backward"):
         splits = a["num_px_tiles"] if a.get("DO_GW") else 1
         partial = splits > 1 if name != "backward_direct" else a.get("num_out_tiles", 1) > 1
-        weight_out = sh.weight + sh.N * sh.C_out * sh.e
+        weight_out = sh.weight + sh.bias  # grad_weight, and grad_bias when the forward had a bias
         if partial:
             count = splits if name != "backward_direct" else a["num_out_tiles"]
-            weight_out = count * (sh.N * sh.C_out * (sh.K + 1)) * 4
+            weight_out = count * (sh.N * sh.C_out * (sh.K + (1 if sh.bias else 0))) * 4
         reads_twice = ""
         if name == "backward_direct":
             flops = 2 * 2 * sh.N * sh.C_out * _padded(sh.HWo, a["BLOCK_PO"]) * sh.K
@@ -229,7 +229,7 @@ def _triton_launch_record(launch, shape: Shape, report: dict | None) -> dict:
             rows = _padded(rows_per_template, block_m) * sh.P * sh.G
             channels = _padded(sh.Cg, block_c)
             gw_flops = 2 * rows * _padded(sh.HWo, a["BLOCK_PO"]) * sh.k * sh.k * channels
-            bias_flops = 2 * rows * _padded(sh.HWo, a["BLOCK_PO"]) * 16
+            bias_flops = 2 * rows * _padded(sh.HWo, a["BLOCK_PO"]) * 16 if a["M_b"] else 0  # M_b = 0: no bias
             gt_flops = 2 * rows * _padded(sh.HW, a["BLOCK_PI"]) * sh.k * sh.k * channels
             flops = (gw_flops + bias_flops if a["DO_GW"] else 0) + (gt_flops if a["DO_GT"] else 0)
             bytes_ = buckets

@@ -39,6 +39,7 @@ from .scenarios import SCENARIOS, Scenario, input_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATE = os.path.join(ROOT, "csrc", "cuda", "emulation", "emulate.py")
+RECORD_TIMEOUT_S = 1800
 DTYPES = ("bfloat16", "float16", "float32")
 
 # Dependent round trip to L2 / DRAM of one warp's load that the next step waits for (the bucketing kernel's
@@ -46,6 +47,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 DEPENDENT_STEP_S = 0.6e-6
 # A block-wide barrier plus the shared-memory scan it separates (1024 threads), on one SM.
 BLOCK_PHASE_S = 0.3e-6
+# buckets.cu's kHeldSteps: segments of up to this many 32-instance steps stay in registers between the passes.
+HELD_STEPS = 8
 
 
 def _call(scenario: Scenario, dtype: str) -> dict:
@@ -66,17 +69,25 @@ def recorded(scenario: Scenario, dtype: str) -> dict:
     if (scenario.name, dtype) not in _RECORDED:
         keys = [(s, d) for s in SCENARIOS.values() for d in DTYPES]
         calls = [_call(s, d) for s, d in keys]
-        done = subprocess.run([sys.executable, EMULATE, "--record"], input=json.dumps(calls), capture_output=True,
-                              text=True, cwd=ROOT)
-        if done.returncode != 0:
-            raise RuntimeError(f"the CUDA emulation could not record the launches:\n{done.stderr[-4000:]}")
-        for (s, d), result in zip(keys, json.loads(done.stdout)):
+        for (s, d), result in zip(keys, _record(calls)):
             _RECORDED[(s.name, d)] = result
         if (scenario.name, dtype) not in _RECORDED:  # a scenario made after the first call
-            done = subprocess.run([sys.executable, EMULATE, "--record"], input=json.dumps([_call(scenario, dtype)]),
-                                  capture_output=True, text=True, cwd=ROOT, check=True)
-            _RECORDED[(scenario.name, dtype)] = json.loads(done.stdout)[0]
+            _RECORDED[(scenario.name, dtype)] = _record([_call(scenario, dtype)])[0]
     return _RECORDED[(scenario.name, dtype)]
+
+
+def _record(calls: list) -> list:
+    """emulate.py --record in a child process; a build or record that outlasts RECORD_TIMEOUT_S is an error, not a
+    wait (the first build compiles the emulation library, a few minutes on 2 cores)."""
+    try:
+        done = subprocess.run([sys.executable, EMULATE, "--record"], input=json.dumps(calls), capture_output=True,
+                              text=True, cwd=ROOT, timeout=RECORD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"the CUDA emulation did not record the launches within {RECORD_TIMEOUT_S} s "
+                           f"(building or recording hung):\n{(error.stderr or b'')[-4000:]!r}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"the CUDA emulation could not record the launches:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout)
 
 
 def parse_plans(text: str) -> dict:
@@ -136,7 +147,11 @@ def _bucket_record(launch: dict, sh: Shape, tile_rows: int) -> dict:
     keys = sh.P + 1
     fixed = (keys + 1 + 33) * 4
     segments = max(1, (launch["smem"] - fixed) // (keys * 4))
-    steps = 2 * -(-(-(-sh.N // segments)) // 32) + 1  # histogram and scatter loops, then the tile table's stores
+    segment_steps = -(-(-(-sh.N // segments)) // 32)  # 32-instance steps of a warp's segment
+    # a segment of up to HELD_STEPS steps is loaded once, all loads in flight together, and kept in registers for
+    # both passes; a longer one waits on a load per step in the histogram pass and again in the scatter pass. Then
+    # the tile table's stores.
+    steps = (1 if segment_steps <= HELD_STEPS else 2 * segment_steps) + 1
     tiles = _Rows(sh).tile_count(tile_rows)
     shared = segments * keys * 4 + tiles * (math.log2(keys) + 2) * 2  # zero, sum, rebase; binary searches
     issue = shared / (128 * CLOCK)  # one SM: 4 schedulers x 32 lanes per cycle
@@ -183,7 +198,7 @@ def _conv_backward_records(launches: list[dict], sh: Shape, p: dict) -> list[dic
     row_tiles = rows.tiles(p["rows"])
     gw_units = sh.P * len(row_tiles) * sh.G * p["c_tiles"]
     gw_flops = 2 * sh.P * sh.G * p["c_tiles"] * sum(_up(r, 32) for r in row_tiles) * _up(sh.HWo, 32) * c_pad * taps
-    grads_out = sh.weight + sh.N * sh.C_out * sh.e  # grad_weight and grad_bias (always written, see issue 13)
+    grads_out = sh.weight + sh.bias  # grad_weight, and grad_bias when the forward had a bias
     buckets = _buckets_bytes(sh, rows.tile_count(p["rows"]))
     unit = _unit(launches[0]["kernel"])
     if p.get("fused"):
@@ -235,7 +250,7 @@ def _pointwise_record(launch: dict, sh: Shape, p: dict, pass_: int, splits_bytes
         units = sh.P * len(row_tiles) * sh.G * n_tiles * splits
         pixels = _up(-(-sh.HW // splits), block_k) * splits
         flops = 2 * sh.P * sh.G * sum(_up(r, 64) for r in row_tiles) * n_tiles * block_n * pixels
-        partial = sh.N * sh.C_out * (sh.Cg + 1) * (4 if splits > 1 else sh.e)
+        partial = sh.N * sh.C_out * (sh.Cg + (1 if sh.bias else 0)) * (4 if splits > 1 else sh.e)
         splits_bytes.append(partial * splits if splits > 1 else 0)
         bytes_ = sh.out + sh.templates + rereads + partial * (splits if splits > 1 else 1) + buckets
         what = (f"grad_weight + grad_bias: {len(row_tiles)} row tile(s) per template x {splits} pixel ranges"
@@ -256,7 +271,7 @@ def _depthwise_record(launch: dict, sh: Shape, backward: bool) -> dict:
     macs = sh.N * sh.C_out * sh.HWo * sh.k * sh.k
     if backward:
         flops = 2 * 2 * macs
-        bytes_ = sh.out + sh.templates + sh.weight + sh.templates + sh.weight + sh.N * sh.C_out * sh.e
+        bytes_ = sh.out + sh.templates + sh.weight + sh.templates + sh.weight + sh.bias
     else:
         flops = 2 * macs
         bytes_ = sh.templates + sh.weight + sh.bias + sh.out
@@ -269,7 +284,7 @@ def _depthwise_record(launch: dict, sh: Shape, backward: bool) -> dict:
 
 
 def _sum_splits_record(launch: dict, sh: Shape, partial_bytes: int) -> dict:
-    bytes_ = partial_bytes + sh.N * sh.C_out * (sh.Cg + 1) * sh.e
+    bytes_ = partial_bytes + sh.N * sh.C_out * (sh.Cg + (1 if sh.bias else 0)) * sh.e
     seconds, basis = kernel_time(bytes_, 0, sh.dtype, "fma", launch["grid"][0])
     return record("sum_splits", launch["grid"][0], bytes_, 0, seconds,
                   f"fixed-order sum of the float32 partials; {basis}")

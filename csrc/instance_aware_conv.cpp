@@ -128,8 +128,8 @@ TORCH_LIBRARY(pointins_ops, m) {
       "int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def(
       "instance_aware_conv_backward(Tensor grad_output, Tensor templates, Tensor weight, Tensor? index, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor grad_templates, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool compute_grad_bias=True) -> "
+      "(Tensor grad_templates, Tensor grad_weight, Tensor grad_bias)");
 }
 
 }  // namespace pointins_ops

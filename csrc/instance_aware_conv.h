@@ -5,6 +5,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace pointins_ops {
 
@@ -37,5 +38,11 @@ ConvGeometry check_instance_aware_conv_inputs(const at::Tensor& templates, const
 
 // The backward op's extra check: grad_output must have the forward output's shape.
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& templates, const ConvGeometry& geometry);
+
+// The backward op's grad_bias: (N, C_out), or (0,) when the call does not ask for it (compute_grad_bias false:
+// the forward had no bias, and the kernels skip its row sums).
+inline std::vector<int64_t> grad_bias_shape(const ConvGeometry& g, bool compute_grad_bias) {
+  return compute_grad_bias ? std::vector<int64_t>{g.N, g.C_out} : std::vector<int64_t>{0};
+}
 
 }  // namespace pointins_ops

@@ -27,9 +27,11 @@ def register_fakes(forward_name: str, backward_name: str) -> None:
         return templates.new_empty(output_shape(templates, weight, stride, padding, dilation))
 
     @torch.library.register_fake(backward_name)
-    def _backward_fake(grad_output, templates, weight, index, stride, padding, dilation, groups):
+    def _backward_fake(grad_output, templates, weight, index, stride, padding, dilation, groups,
+                       compute_grad_bias=True):
+        # without compute_grad_bias, grad_bias is an empty (0,) tensor
         return (templates.new_empty(templates.shape), weight.new_empty(weight.shape),
-                weight.new_empty(weight.shape[:2]))
+                weight.new_empty(weight.shape[:2] if compute_grad_bias else (0,)))
 
 
 def register_conv_autograd(forward_name: str, backward_op) -> None:
@@ -47,7 +49,7 @@ def register_conv_autograd(forward_name: str, backward_op) -> None:
     def backward(ctx, grad_output):
         templates, weight, index = ctx.saved_tensors
         grad_templates, grad_weight, grad_bias = backward_op(grad_output.contiguous(), templates, weight, index,
-                                                             *ctx.conv_args)
+                                                             *ctx.conv_args, ctx.has_bias)
         return (grad_templates, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None)
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)

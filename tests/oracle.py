@@ -205,6 +205,22 @@ def check_bitwise_reproducible(backend: str, case: Case, dtype: torch.dtype, dev
         assert torch.equal(a, b), f"{what} differs between two identical runs"
 
 
+def check_backward_without_grad_bias(backend: str, case: Case, dtype: torch.dtype, device):
+    """The backend's backward op with compute_grad_bias=False (what autograd passes when the forward had no bias):
+    grad_bias is an empty (0,) tensor, and grad_templates and grad_weight are bit for bit those of the call that
+    also sums grad_bias."""
+    forward_op, backward_op = registered_ops(backend)
+    templates, weight, _, index = make_inputs(case, dtype, device)
+    conv = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+    out = forward_op(templates, weight, None, index, *conv)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(dtype).to(device)
+    full = backward_op(grad_output, templates, weight, index, *conv)
+    without = backward_op(grad_output, templates, weight, index, *conv, False)
+    assert full[2].shape == (case.N, case.C_out) and without[2].shape == (0,), (full[2].shape, without[2].shape)
+    assert without[2].dtype == dtype and without[2].device == templates.device
+    assert torch.equal(full[0], without[0]) and torch.equal(full[1], without[1])
+
+
 def check_out_of_range_index_is_masked(backend: str, device):
     """The backend's registered forward and backward ops, given an index with one entry past P and one negative,
     produce NaN for exactly those instances (output and grad_weight) and the pure-PyTorch result elsewhere.
@@ -338,3 +354,12 @@ EDGE_CASES = {
     "large-tile": Case(P=2, C_in=3, H=23, W=29, N=3, C_out=2, kernel=(3, 3), padding=(1, 1)),
     "1x1-wide": Case(P=2, C_in=32, H=6, W=5, N=6, C_out=1, kernel=(1, 1), bias=False),
 }
+
+# Backward cases whose grad_weight sums (with grad_bias's) are split: for the CPU kernel into chunks of pixels added
+# in order (a 1x1 map larger than one chunk, the one-pass backward; more rows per template than one row block,
+# grad_weight on its own), for the GPU kernels into pixel ranges with float32 partials (the large maps).
+GRAD_BIAS_CASES = [EDGE_CASES[name] for name in ("stride-dilation", "depthwise", "1x1-wide", "single-template",
+                                                 "empty-N")] + [
+    Case(P=2, C_in=4, H=40, W=40, N=3, C_out=3, kernel=(1, 1)),
+    Case(P=1, C_in=4, H=40, W=36, N=40, C_out=8, kernel=(3, 3), padding=(1, 1), index="single"),
+]

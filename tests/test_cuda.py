@@ -11,9 +11,10 @@ import functools
 import pytest
 import torch
 
-from oracle import (EDGE_CASES, RESULT_NAMES, TOL, Case, capture_forward_and_backward, check_agrees_with_cpu_kernel,
-                    check_bitwise_reproducible, check_case, check_compiled_fullgraph, check_ops_pass_opcheck,
-                    check_out_of_range_index_is_masked, forward_and_grads, make_inputs, oracle_grads, random_cases)
+from oracle import (EDGE_CASES, GRAD_BIAS_CASES, RESULT_NAMES, TOL, Case, capture_forward_and_backward,
+                    check_agrees_with_cpu_kernel, check_backward_without_grad_bias, check_bitwise_reproducible,
+                    check_case, check_compiled_fullgraph, check_ops_pass_opcheck, check_out_of_range_index_is_masked,
+                    forward_and_grads, make_inputs, oracle_grads, random_cases)
 from pointins_ops import available_backends, instance_aware_conv
 
 ON_GPU = torch.cuda.is_available()
@@ -92,6 +93,12 @@ def test_results_are_bitwise_reproducible(dtype):
 
 def test_out_of_range_index_is_never_read():
     check_out_of_range_index_is_masked("cuda", DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", GRAD_BIAS_CASES, ids=str)
+def test_backward_without_grad_bias_skips_only_grad_bias(case, dtype):
+    check_backward_without_grad_bias("cuda", case, dtype, DEVICE)
 
 
 def test_cuda_graph_capture_and_replay():

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oracle import EDGE_CASES, TOL, Case, check_case, make_inputs, random_cases
+from oracle import (EDGE_CASES, GRAD_BIAS_CASES, TOL, Case, check_backward_without_grad_bias, check_case, make_inputs,
+                    random_cases)
 from pointins_ops import available_backends, instance_aware_conv
 from pointins_ops import reference
 
@@ -131,6 +132,13 @@ def test_opcheck_backward_op():
     args = (torch.randn_like(out), templates, weight, index, list(case.stride), list(case.padding),
             list(case.dilation), case.groups)
     torch.library.opcheck(torch.ops.pointins_ops.instance_aware_conv_backward.default, args)
+    torch.library.opcheck(torch.ops.pointins_ops.instance_aware_conv_backward.default, args + (False,))
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ CPU kernel is not built")
+@pytest.mark.parametrize("case", GRAD_BIAS_CASES, ids=str)
+def test_backward_without_grad_bias_skips_only_grad_bias(case):
+    check_backward_without_grad_bias("cpu", case, torch.float32, "cpu")
 
 
 def test_torch_compile_fullgraph_traces_the_op():

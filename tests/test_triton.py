@@ -31,8 +31,9 @@ import pointins_ops.triton as triton_backend  # noqa: E402
 from pointins_ops.triton import bucketing  # noqa: E402
 from oracle import (  # noqa: E402
     EDGE_CASES, RESULT_NAMES, TOL, Case, capture_forward_and_backward, check_agrees_with_cpu_kernel,
-    check_bitwise_reproducible, check_case, check_compiled_fullgraph, check_ops_pass_opcheck,
-    check_out_of_range_index_is_masked, make_inputs, oracle_grads, random_cases)
+    GRAD_BIAS_CASES, check_backward_without_grad_bias, check_bitwise_reproducible, check_case,
+    check_compiled_fullgraph, check_ops_pass_opcheck, check_out_of_range_index_is_masked, make_inputs, oracle_grads,
+    random_cases)
 from pointins_ops import available_backends, instance_aware_conv  # noqa: E402
 from pointins_ops.triton import op as triton_op, plan, tuning  # noqa: E402
 from benchmarks.scenarios import SCENARIOS  # noqa: E402
@@ -269,6 +270,12 @@ def test_gradients_are_bitwise_reproducible(dtype):
 
 def test_out_of_range_index_is_never_read():
     check_out_of_range_index_is_masked("triton", DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", GRAD_BIAS_CASES, ids=str)
+def test_backward_without_grad_bias_skips_only_grad_bias(case, dtype):
+    check_backward_without_grad_bias("triton", case, dtype, DEVICE)
 
 
 @needs_gpu

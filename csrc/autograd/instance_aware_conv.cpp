@@ -23,11 +23,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& gra
                                                            const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& index,
                                                            c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                                           c10::IntArrayRef dilation, int64_t groups) {
+                                                           c10::IntArrayRef dilation, int64_t groups,
+                                                           bool compute_grad_bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pointins_ops::instance_aware_conv_backward", "")
                        .typed<decltype(backward_op)>();
-  return op.call(grad_output, templates, weight, index, stride, padding, dilation, groups);
+  return op.call(grad_output, templates, weight, index, stride, padding, dilation, groups, compute_grad_bias);
 }
 
 class InstanceAwareConvFunction : public torch::autograd::Function<InstanceAwareConvFunction> {
@@ -50,11 +51,11 @@ class InstanceAwareConvFunction : public torch::autograd::Function<InstanceAware
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> index = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     auto [grad_templates, grad_weight, grad_bias] =
         backward_op(grad_outputs[0].contiguous(), saved[0], saved[1], index, ctx->saved_data["stride"].toIntVector(),
                     ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-                    ctx->saved_data["groups"].toInt());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+                    ctx->saved_data["groups"].toInt(), has_bias);
     // One gradient per forward input: templates, weight, bias, then none for index and the conv arguments.
     return {grad_templates, grad_weight, has_bias ? grad_bias : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(),   at::Tensor()};

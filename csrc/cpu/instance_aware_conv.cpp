@@ -514,7 +514,8 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
 }
 
 // Where grad_weight and grad_bias of one bucket's rows go when a unit has summed its chunk of positions: into
-// the tensors (one chunk), or into that chunk's partial sums, which add_chunk_partials adds in chunk order.
+// the tensors (one chunk), or into that chunk's partial sums, which add_chunk_partials adds in chunk order. gb is
+// null when grad_bias is not asked for: the row sums are then skipped.
 template <typename scalar_t>
 struct ChunkSums {
   using acc_t = at::opmath_type<scalar_t>;
@@ -537,7 +538,7 @@ struct ChunkSums {
         chunks(chunks),
         rows_total(g.N * g.C_out),
         partial_w(chunks > 1 ? chunks * rows_total * K : 0),
-        partial_b(chunks > 1 ? chunks * rows_total : 0) {}
+        partial_b(chunks > 1 && gb != nullptr ? chunks * rows_total : 0) {}
 
   // Rows [m0, m0 + M) of `rows`: grad_weight from the product c (K columns; K rows when transposed), grad_bias
   // from grad_output over the output pixels of positions [q_begin, q_end), in lanes by pixel.
@@ -549,10 +550,6 @@ struct ChunkSums {
     acc_t lanes[kLanes];
     for (int64_t m = 0; m < M; ++m) {
       const int64_t row = rows.row(m0 + m);
-      const scalar_t* grad_row = go + row * pixels;
-      std::fill(lanes, lanes + kLanes, acc_t(0));
-      add_to_lanes(pixel_begin, pixel_end, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
-      const acc_t bias_sum = reduce_lanes(lanes);
       acc_t* partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
       if (transposed) {
         for (int64_t k = 0; k < K; ++k) {
@@ -568,6 +565,11 @@ struct ChunkSums {
       } else {
         store_row(c + m * ldc, acc_t(0), K, gw + row * K);
       }
+      if (gb == nullptr) continue;
+      const scalar_t* grad_row = go + row * pixels;
+      std::fill(lanes, lanes + kLanes, acc_t(0));
+      add_to_lanes(pixel_begin, pixel_end, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
+      const acc_t bias_sum = reduce_lanes(lanes);
       if (chunks > 1) {
         partial_b[chunk * rows_total + row] = bias_sum;
       } else {
@@ -586,6 +588,7 @@ struct ChunkSums {
           for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_w[(chunk * rows_total + row) * K + k];
           gw[row * K + k] = from_acc<scalar_t>(sum);
         }
+        if (gb == nullptr) continue;
         acc_t sum = partial_b[row];
         for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * rows_total + row];
         gb[row] = from_acc<scalar_t>(sum);
@@ -1067,18 +1070,29 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
           for (int64_t j = 0; j < multiplier; ++j) {
             const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
             const scalar_t* taps = w + row * area;
-            // grad_bias: the row widened (zeros past its end), summed in lanes by pixel, then a fixed tree.
-            std::fill(row_values.begin() + pixels, row_values.end(), acc_t(0));
-            load_row(go + row * pixels, pixels, row_values.data());
-            gb[row] = from_acc<scalar_t>(sum_lanes(row_values.data(), static_cast<int64_t>(row_values.size())));
+            // The row widened: float32 copied into extended rows straight away when it is only needed there
+            // (16-bit rows convert faster in one run), else first into row_values, where grad_bias (when asked
+            // for) sums it in lanes by pixel (zeros past its end), then in a fixed tree.
+            const bool widened_in_place = std::is_same_v<scalar_t, acc_t> && plane.extended && gb == nullptr;
+            if (!widened_in_place) {
+              std::fill(row_values.begin() + pixels, row_values.end(), acc_t(0));
+              load_row(go + row * pixels, pixels, row_values.data());
+            }
+            if (gb != nullptr) {
+              gb[row] = from_acc<scalar_t>(sum_lanes(row_values.data(), static_cast<int64_t>(row_values.size())));
+            }
             if (plane.extended) {
               // grad_output in extended rows (gaps and slack zero): per tap one dot product (grad_weight) and one
               // multiply-add back onto the padded plane (grad_templates).
               // The rows go to the same places for every row of the bucket, so the gaps stay zero.
               for (int64_t oh = 0; oh < g.H_out; ++oh) {
-                const acc_t* from = row_values.data() + oh * g.W_out;
                 acc_t* to = grad.data() + lead + oh * plane.PW;
-                for (int64_t ow = 0; ow < g.W_out; ++ow) to[ow] = from[ow];
+                if (widened_in_place) {
+                  load_row(go + row * pixels + oh * g.W_out, g.W_out, to);
+                } else {
+                  const acc_t* from = row_values.data() + oh * g.W_out;
+                  for (int64_t ow = 0; ow < g.W_out; ++ow) to[ow] = from[ow];
+                }
               }
               taps_grad_weight(grad.data() + lead, padded.data(), offsets.data(), area, plane.lanes,
                                tap_weights.data());
@@ -1156,16 +1170,18 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& templates, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& templates, const at::Tensor& weight,
     const std::optional<at::Tensor>& index, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups) {
+    int64_t groups, bool compute_grad_bias) {
   const ConvGeometry g =
       check_instance_aware_conv_inputs(templates, weight, std::nullopt, index, stride, padding, dilation, groups);
   check_grad_output(grad_output, templates, g);
   const TemplateBuckets buckets = bucket_instances(index, g);
   at::Tensor grad_templates = at::empty({g.P, g.C_in, g.H, g.W}, templates.options());
   at::Tensor grad_weight = at::empty({g.N, g.C_out, g.C_in_per_group, g.kH, g.kW}, weight.options());
-  at::Tensor grad_bias = at::empty({g.N, g.C_out}, weight.options());
+  at::Tensor grad_bias = at::empty(grad_bias_shape(g, compute_grad_bias), weight.options());
   if (g.N == 0 || g.C_out == 0) return {grad_templates.zero_(), grad_weight, grad_bias};  // nothing flows back
-  if (g.C_in == 0) return {grad_templates, grad_weight, grad_bias.copy_(grad_output.sum({2, 3}))};
+  if (g.C_in == 0) {
+    return {grad_templates, grad_weight, compute_grad_bias ? grad_bias.copy_(grad_output.sum({2, 3})) : grad_bias};
+  }
   const at::Tensor grad_out = grad_output.contiguous();
   const at::Tensor weight_c = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, templates.scalar_type(), "instance_aware_conv_backward_cpu",
@@ -1174,7 +1190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
                                     const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
                                     scalar_t* gt = grad_templates.mutable_data_ptr<scalar_t>();
                                     scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-                                    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+                                    scalar_t* gb = compute_grad_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
                                     // Templates no instance uses get zeros; every other element is written exactly once
                                     // below.
                                     const int64_t template_size = g.C_in * g.H * g.W;

@@ -18,6 +18,7 @@ namespace {
 
 constexpr int kBucketThreads = 1024;
 constexpr int kScanScratch = 33;
+constexpr int kHeldSteps = 8;  // 32-instance steps of a warp's segment whose index values stay in registers
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename index_t>
@@ -71,7 +72,7 @@ PI_DEVICE int bucket_of_tile(const int32_t* tile_start, int P, int t) {
 }
 
 template <typename index_t>
-__global__ void __launch_bounds__(kBucketThreads)
+__global__ void __launch_bounds__(kBucketThreads, 1)
     bucket_kernel(const index_t* __restrict__ index, int N, int P, int rows_per_instance, int tile_rows,
                   int segments, int32_t* __restrict__ order, int32_t* __restrict__ offsets, int2* __restrict__ tiles,
                   int32_t* __restrict__ num_tiles) {
@@ -88,14 +89,38 @@ __global__ void __launch_bounds__(kBucketThreads)
   const int segment_begin = min(N, warp * segment_length);
   const int segment_end = min(N, segment_begin + segment_length);
   int* mine = counts + warp * keys;
+  // A warp walks its segment 32 instances at a time, twice (counts, then positions). Segments of up to
+  // kHeldSteps steps are loaded once, every load issued before the first is used, and kept in registers for
+  // both passes; longer ones load each step as they go.
+  const bool held = segment_length <= 32 * kHeldSteps;
+  int held_keys[kHeldSteps];
+  if (warp < segments && held) {
+#pragma unroll
+    for (int j = 0; j < kHeldSteps; ++j) {
+      const int i = segment_begin + j * 32 + lane;
+      held_keys[j] = i < segment_end ? bucket_key(index[i], P) : -1;
+    }
+  }
+  // step(i, key) for each step of the warp's segment (i: this lane's instance, key: its bucket or -1 past the end).
+  const auto for_each_step = [&](const auto& step) {
+    if (held) {
+#pragma unroll
+      for (int j = 0; j < kHeldSteps; ++j) {
+        if (segment_begin + j * 32 < segment_end) step(segment_begin + j * 32 + lane, held_keys[j]);
+      }
+    } else {
+      for (int base = segment_begin; base < segment_end; base += 32) {
+        const int i = base + lane;
+        step(i, i < segment_end ? bucket_key(index[i], P) : -1);
+      }
+    }
+  };
   if (warp < segments) {
-    for (int base = segment_begin; base < segment_end; base += 32) {
-      const int i = base + lane;
-      const int key = i < segment_end ? bucket_key(index[i], P) : -1;
+    for_each_step([&](int, int key) {
       const unsigned peers = __match_any_sync(kFullMask, key);
       if (key >= 0 && lane == __ffs(static_cast<int>(peers)) - 1) mine[key] += __popc(peers);
       __syncwarp();
-    }
+    });
   }
   __syncthreads();
 
@@ -131,9 +156,7 @@ __global__ void __launch_bounds__(kBucketThreads)
   __syncthreads();
 
   if (warp < segments) {
-    for (int base = segment_begin; base < segment_end; base += 32) {
-      const int i = base + lane;
-      const int key = i < segment_end ? bucket_key(index[i], P) : -1;
+    for_each_step([&](int i, int key) {
       const unsigned peers = __match_any_sync(kFullMask, key);
       const int leader = __ffs(static_cast<int>(peers)) - 1;
       const int rank = __popc(peers & ((1u << lane) - 1u));
@@ -143,7 +166,7 @@ __global__ void __launch_bounds__(kBucketThreads)
       if (key >= 0) order[first + rank] = i;
       if (key >= 0 && lane == leader) mine[key] = first + __popc(peers);
       __syncwarp();
-    }
+    });
   }
 
   for (int t = tid; t < total_tiles; t += kBucketThreads) {

@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < kPersist; ++j) {
         const int it = (ig * kPersist + j) * kWarps + warp;
         if (it >= items) continue;
-        const bool sums = u.c0 == 0 && it % w_n == 0;
+        const bool sums = u.c0 == 0 && it % w_n == 0 && t.grad_bias != nullptr;
         if (sub == 0) gw_acc[j].zero();
         weight_item(gw_acc[j], it / w_n, it % w_n, u.rows, u.has_template, sums);
         if (sub + 1 == u.subs) store_weight_item(gw_acc[j], it / w_n, it % w_n, u.rows, u.c0, u.c_count, !u.has_template, sums);
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int w_m = ceil_div(count, kItemM), w_n = ceil_div(gw_cols, kItemN);
         for (int it = warp; it < w_m * w_n; it += kWarps) {
           const int im = it / w_n, in = it % w_n;
-          const bool sums = u.c0 == 0 && in == 0;
+          const bool sums = u.c0 == 0 && in == 0 && t.grad_bias != nullptr;
           Item item;
           item.zero();
           weight_item(item, im, in, count, u.has_template, sums);

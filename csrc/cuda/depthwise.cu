@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kDwThreads, 1)
         wide_t sum = wide_t(0);
         for (int ow = 0; ow < s.W_out; ++ow) sum += partial[(plane * s.W_out + ow) * width + tap];
         if (tap == taps) {
-          t.grad_bias[row0 + plane] = static_cast<scalar_t>(sum);
+          if (t.grad_bias != nullptr) t.grad_bias[row0 + plane] = static_cast<scalar_t>(sum);
         } else {
           t.grad_weight[(row0 + plane) * taps + tap] = has_template ? static_cast<scalar_t>(sum) : quiet_nan<scalar_t>();
         }

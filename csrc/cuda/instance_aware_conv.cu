@@ -117,7 +117,7 @@ at::Tensor instance_aware_conv_cuda(const at::Tensor& templates, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& templates, const at::Tensor& weight,
     const std::optional<at::Tensor>& index, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups) {
+    int64_t groups, bool compute_grad_bias) {
   const ConvGeometry g =
       check_instance_aware_conv_inputs(templates, weight, std::nullopt, index, stride, padding, dilation, groups);
   check_grad_output(grad_output, templates, g);
@@ -127,28 +127,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cuda
   if (g.N == 0 || g.C_out == 0) {
     return {at::zeros({g.P, g.C_in, g.H, g.W}, templates.options()),
             at::zeros({g.N, g.C_out, g.C_in_per_group, g.kH, g.kW}, weight.options()),
-            at::zeros({g.N, g.C_out}, weight.options())};
+            at::zeros(grad_bias_shape(g, compute_grad_bias), weight.options())};
   }
   if (g.C_in_per_group == 0) {
     return {at::empty({g.P, 0, g.H, g.W}, templates.options()),
             at::empty({g.N, g.C_out, 0, g.kH, g.kW}, weight.options()),
-            grad_output.to(templates.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
-                .sum({2, 3})
-                .to(templates.scalar_type())};
+            compute_grad_bias ? grad_output.to(templates.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
+                                    .sum({2, 3})
+                                    .to(templates.scalar_type())
+                              : at::empty({0}, weight.options())};
   }
-  // Every element of the three results is written by exactly one warp.
+  // Every element of the results is written by exactly one warp; without compute_grad_bias the kernels see no
+  // grad_bias (a null pointer) and skip its row sums.
   PassTensors t;
   t.templates = templates;
   t.weight = weight.contiguous();
   t.grad_output = grad_output.contiguous();
   t.grad_templates = at::empty({g.P, g.C_in, g.H, g.W}, templates.options());
   t.grad_weight = at::empty({g.N, g.C_out, g.C_in_per_group, g.kH, g.kW}, weight.options());
-  t.grad_bias = at::empty({g.N, g.C_out}, weight.options());
+  at::Tensor grad_bias = at::empty(grad_bias_shape(g, compute_grad_bias), weight.options());
+  if (compute_grad_bias) t.grad_bias = grad_bias;
   const at::ScalarType dtype = templates.scalar_type();
   const bool tf32 = dtype == at::kFloat && conv_allows_tf32();
   if (const DepthwisePlan dw = plan_depthwise(s, element_size(dtype), true); use_depthwise(dw)) {
     run_depthwise(dw, s, t, bucket_instances(index, g, 16, templates.options()), true);
-    return {t.grad_templates, t.grad_weight, t.grad_bias};
+    return {t.grad_templates, t.grad_weight, grad_bias};
   }
   if (use_pointwise(s, templates)) {
     const PointwisePlan weight_plan = plan_pointwise(kPointwiseWeight, s, element_size(dtype), !index.has_value());
@@ -157,13 +160,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cuda
     const DeviceBuckets buckets = bucket_instances(index, g, weight_plan.tile_rows, templates.options());
     run_pointwise(weight_plan, s, t, buckets, tf32);
     run_pointwise(templates_plan, s, t, buckets, tf32);
-    return {t.grad_templates, t.grad_weight, t.grad_bias};
+    return {t.grad_templates, t.grad_weight, grad_bias};
   }
   const ConvBackwardPlan plan =
       plan_conv_backward(s, element_size(dtype), k_step(dtype, tf32), average_rows(s, !index.has_value()));
   const DeviceBuckets buckets = bucket_instances(index, g, plan.tile_rows, templates.options());
   run_conv_backward(plan, s, t, buckets, tf32);
-  return {t.grad_templates, t.grad_weight, t.grad_bias};
+  return {t.grad_templates, t.grad_weight, grad_bias};
 }
 
 #ifdef POINTINS_EMULATION
@@ -213,7 +216,7 @@ TORCH_LIBRARY(emu_ops, m) {
   m.def("forward(Tensor templates, Tensor weight, Tensor? bias, Tensor? index, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups) -> Tensor");
   m.def("backward(Tensor grad_output, Tensor templates, Tensor weight, Tensor? index, int[2] stride, "
-        "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
+        "int[2] padding, int[2] dilation, int groups, bool compute_grad_bias=True) -> (Tensor, Tensor, Tensor)");
   m.def("launches() -> int", [] { return static_cast<int64_t>(emu::launch_count()); });
   m.def("record(bool on) -> ()", [](bool on) { emu::set_recording(on); });
   m.def("records() -> str", [] { return emu::take_records(); });

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kPwThreads, 1)
 
     const int m_tiles = max(0, min(kWarpM / 16, ceil_div(u.m_valid - wm * kWarpM, 16)));
     const int n_tiles = max(0, min(kWarpN / 8, ceil_div(u.n_valid - wn * kWarpN, 8)));
-    const bool sums = kPass == kPointwiseWeight && u.n0 == 0 && wn == 0;
+    const bool sums = kPass == kPointwiseWeight && u.n0 == 0 && wn == 0 && t.grad_bias != nullptr;
     const bool products = kPass != kPointwiseWeight || has_template;
     Item item;
     item.zero();
@@ -295,9 +295,10 @@ __global__ void __launch_bounds__(256)
   const int64_t count = rows * width;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * 256) {
+    const int64_t row = i / width;
+    if (grad_bias == nullptr && i - row * width + 1 == width) continue;  // no grad_bias asked for: never written
     acc_t sum = partial[i];
     for (int z = 1; z < splits; ++z) sum += partial[z * count + i];
-    const int64_t row = i / width;
     const int col = static_cast<int>(i - row * width);
     if (col + 1 < width) {
       grad_weight[row * (width - 1) + col] = static_cast<scalar_t>(sum);

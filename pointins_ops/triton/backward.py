@@ -130,7 +130,8 @@ def backward_gemm_kernel(
         kH: tl.constexpr, kW: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
         IDENTITY: tl.constexpr, DO_GT: tl.constexpr, DO_GW: tl.constexpr, UNIT_STRIDE: tl.constexpr,
         CONTIGUOUS: tl.constexpr, GRAD_CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr, ALIGN: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_PI: tl.constexpr, BLOCK_PO: tl.constexpr):
+        GRAD_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_PI: tl.constexpr,
+        BLOCK_PO: tl.constexpr):
     pid = tl.program_id(0)
     tile = pid % num_px_tiles  # a tile of template pixels (DO_GT) or a split of output pixels (DO_GW)
     rest = pid // num_px_tiles
@@ -159,7 +160,7 @@ def backward_gemm_kernel(
             for tap in range(0, kH * kW):
                 kh = tap // kW
                 kw = tap % kW
-                if (c_chunk == 0) & (tap == 0):
+                if (c_chunk == 0) & (tap == 0) & GRAD_BIAS:  # grad_bias along (a constant False folds the branch away)
                     acc, acc_bias = _grad_weight_sum(
                         grad_rows, row_ok, template_base, template_ok, t_channel_offsets, ci_ok, px_start, px_end,
                         out_pixels, kh, kw, H, W, W_out, sg_h, sg_w, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -242,7 +243,7 @@ def backward_direct_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         kH: tl.constexpr, kW: tl.constexpr, WIDE: tl.constexpr, IDENTITY: tl.constexpr,
         UNIT_STRIDE: tl.constexpr, CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr, ALIGN: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PI: tl.constexpr, BLOCK_PO: tl.constexpr):
+        GRAD_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PI: tl.constexpr, BLOCK_PO: tl.constexpr):
     """Depthwise / small groups, for one (template, tile of BLOCK_G groups, pixel tile): grad_weight and grad_bias
     over the tile's output pixels (a split: float32 partials when there are several), grad_templates over its
     template pixels. The sums over pixels (grad_weight, grad_bias) and over a block of instances (grad_templates)
@@ -273,7 +274,9 @@ def backward_direct_kernel(
                 g = tl.load(grad_out + (instance[:, None] * sg_n + channel[None, :] * sg_c)[:, :, None]
                             + (oh * sg_h + ow * sg_w)[None, None, :],
                             mask=row_ok[:, :, None] & po_ok[None, None, :], other=0.0).to(tl.float32)
-                tl.store(gb_dest + tile * M_b + rows, tl.sum(g, axis=2).to(gb_dest.dtype.element_ty), mask=row_ok)
+                if GRAD_BIAS:
+                    tl.store(gb_dest + tile * M_b + rows, tl.sum(g, axis=2).to(gb_dest.dtype.element_ty),
+                             mask=row_ok)
                 for step in range(0, Cg * kH * kW):
                     ci = step // (kH * kW)
                     tap = step % (kH * kW)

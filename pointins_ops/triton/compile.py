@@ -145,7 +145,7 @@ def record(templates_shape, weight_shape, *, bias: bool, index: bool, dtype: tor
                     out_shape = op.plan.geometry(templates, weight, index_, *conv[:3], groups)
                     grad_output = torch.empty((out_shape.N, out_shape.C_out, out_shape.H_out, out_shape.W_out),
                                               dtype=dtype, device="meta")
-                    op._backward(grad_output, templates, weight, index_, *conv)
+                    op._backward(grad_output, templates, weight, index_, *conv, bias)
             launches[mode] = recorder.launches
     finally:
         op._conv_allows_tf32 = saved_tf32

@@ -213,7 +213,8 @@ def _forward(templates, weight, bias, index, stride, padding, dilation, groups):
     return out
 
 
-def _backward_plan(grad_output, templates, weight, index, stride, padding, dilation, groups) -> _CallPlan:
+def _backward_plan(grad_output, templates, weight, index, stride, padding, dilation, groups,
+                   compute_grad_bias) -> _CallPlan:
     geom = plan.geometry(templates, weight, index, stride, padding, dilation, groups)
     direct = plan.uses_direct_path(geom)
     dot_options = _dot_options(templates)
@@ -224,7 +225,8 @@ def _backward_plan(grad_output, templates, weight, index, stride, padding, dilat
             return plan.backward_direct_plan(geom, wide)
         return plan.backward_gemm_plan(geom, plan.Operands.of(templates.dtype, dot_options["TF32"], wide), align)
 
-    weight_elements, bias_elements = weight.numel(), geom.N * geom.C_out
+    # Without grad_bias (GRAD_BIAS=False) the kernels compile without its sums and stores, and M_b = 0.
+    weight_elements, bias_elements = weight.numel(), geom.N * geom.C_out if compute_grad_bias else 0
     wide = plan.needs_64bit_offsets(grad_output, templates, weight, extra_elements=templates.numel())
     backward_plan = backward_plan_for(wide)
     splits = backward_plan.splits
@@ -235,7 +237,8 @@ def _backward_plan(grad_output, templates, weight, index, stride, padding, dilat
     fixed = dict(C_in=geom.C_in, M_w=weight_elements, M_b=bias_elements, **_conv_arguments(geom),
                  **_strides("sg", grad_output, "nchw"), **_strides("st", templates, "pchw"),
                  **_strides("sw", weight, "nochw"), WIDE=wide, UNIT_STRIDE=geom.stride == (1, 1),
-                 CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]), NO_BOUNDS=plan.no_bounds(geom))
+                 CONTIGUOUS=plan.contiguous_taps(geom, templates.stride()[2:]), NO_BOUNDS=plan.no_bounds(geom),
+                 GRAD_BIAS=compute_grad_bias)
     fixed.update(_pixel_counts(templates, geom))
     if direct:
         steps = [_step("backward_direct", backward_direct_kernel, launch, fixed, geom, templates.dtype)
@@ -254,21 +257,24 @@ def _backward_plan(grad_output, templates, weight, index, stride, padding, dilat
     return _CallPlan(geom, _bucketing_of(index, geom), steps, splits, partial_sum)
 
 
-def _backward(grad_output, templates, weight, index, stride, padding, dilation, groups):
+def _backward(grad_output, templates, weight, index, stride, padding, dilation, groups, compute_grad_bias=True):
     call_plan = _cached(
-        _signature("backward", (grad_output, templates, weight, index), (stride, padding, dilation, groups)),
-        lambda: _backward_plan(grad_output, templates, weight, index, stride, padding, dilation, groups))
+        _signature("backward", (grad_output, templates, weight, index),
+                   (stride, padding, dilation, groups, compute_grad_bias)),
+        lambda: _backward_plan(grad_output, templates, weight, index, stride, padding, dilation, groups,
+                               compute_grad_bias))
     geom = call_plan.geom
     device = templates.device
     grad_templates = torch.empty_like(templates, memory_format=torch.contiguous_format)
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
-    grad_bias = torch.empty((geom.N, geom.C_out), dtype=weight.dtype, device=device)
-    if grad_bias.numel() == 0 or grad_output.numel() == 0:
+    grad_bias = torch.empty((geom.N, geom.C_out) if compute_grad_bias else (0,), dtype=weight.dtype, device=device)
+    if geom.N * geom.C_out == 0 or grad_output.numel() == 0:
         return grad_templates.zero_(), grad_weight.zero_(), grad_bias.zero_()
     order, start, count = _buckets(index, call_plan, device)
     if call_plan.partial_sum is not None:
         gw_dest = torch.empty((call_plan.splits, grad_weight.numel()), dtype=torch.float32, device=device)
         gb_dest = torch.empty((call_plan.splits, grad_bias.numel()), dtype=torch.float32, device=device)
+        # (with no grad_bias, gb_dest is empty and never written)
     else:
         gw_dest, gb_dest = grad_weight, grad_bias
     tensors = dict(grad_out=grad_output, templates=templates, weight=weight, grad_templates=grad_templates,
@@ -306,12 +312,13 @@ def instance_aware_conv_triton(templates: torch.Tensor, weight: torch.Tensor, bi
 
 def instance_aware_conv_triton_backward(
         grad_output: torch.Tensor, templates: torch.Tensor, weight: torch.Tensor, index: Optional[torch.Tensor],
-        stride: list[int], padding: list[int], dilation: list[int],
-        groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_templates, grad_weight, grad_bias), as the C++ backward op returns them."""
+        stride: list[int], padding: list[int], dilation: list[int], groups: int,
+        compute_grad_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_templates, grad_weight, grad_bias), as the C++ backward op returns them: grad_bias an empty (0,)
+    tensor when compute_grad_bias is False."""
     with _device_guard(templates):
         return _backward(grad_output, templates, weight, index, tuple(stride), tuple(padding), tuple(dilation),
-                         groups)
+                         groups, compute_grad_bias)
 
 
 def register() -> None:

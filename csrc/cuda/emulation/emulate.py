@@ -38,13 +38,54 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from oracle import EDGE_CASES, TOL, Case, check_case, make_inputs, oracle_grads, random_cases  # noqa: E402
 
-SUITES = ("nan", "edge", "random", "tiled", "paths", "pointwise", "depthwise", "tf32", "determinism")
+SUITES = ("nan", "edge", "random", "tiled", "paths", "pointwise", "depthwise", "buckets", "tf32", "determinism")
+
+# The bucketing kernel's regimes (buckets.cu), with the steps of 32 instances a warp's segment takes (0: the
+# torch-sort fallback): a segment held in registers (up to 8 steps: N <= 8192 with 32 segments), longer segments
+# loaded step by step (N > 8192, or few segments because many templates leave shared memory for few histograms),
+# and the fallback when not one histogram fits.
+BUCKET_CASES = [
+    (Case(P=5, C_in=2, H=3, W=3, N=8192, C_out=2, kernel=(1, 1), seed=61), 8),
+    (Case(P=5, C_in=2, H=3, W=3, N=9000, C_out=2, kernel=(3, 3), padding=(1, 1), seed=62), 9),
+    (Case(P=20000, C_in=1, H=2, W=2, N=700, C_out=1, kernel=(1, 1), seed=63), 22),
+    (Case(P=60000, C_in=1, H=2, W=2, N=300, C_out=2, kernel=(1, 1), index="unused", seed=64), 0),
+]
+
+
+def bucket_steps(case: Case) -> int:
+    """Steps of 32 instances per warp segment of the case's bucketing launch (0: no bucket_kernel launched), from
+    the launch's shared memory as recorded by the record mode: [segments][P + 1] counts, P + 2 + 33 ints."""
+    templates, weight, bias, index = make_inputs(case, torch.float32)
+    conv = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+    names = kernel_names()
+    torch.ops.emu_ops.record(True)
+    try:
+        torch.ops.emu_ops.records()
+        torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
+        lines = torch.ops.emu_ops.records().splitlines()
+    finally:
+        torch.ops.emu_ops.record(False)
+    for line in lines:
+        offset, _, _, _, _, smem = line.split()
+        if _short_name(names.get(int(offset, 16), "")).startswith("bucket_kernel"):
+            keys = case.P + 1
+            segments = (int(smem) - (keys + 1 + 33) * 4) // (keys * 4)
+            return -(-(-(-case.N // segments)) // 32)
+    return 0
+
+
+def build_folder() -> str:
+    """The emulation's build folder, one per Python and torch version. Stacks must not share it: torch 2.14 locks
+    the folder with an OS lock on a file named 'lock' that it leaves behind, and torch 2.11 and older take that
+    file's mere existence as a build in progress and wait for it forever."""
+    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '-')}"
+    return os.path.join(tempfile.gettempdir(), f"pointins-cuda-emulation-{version}")
 
 
 def build() -> None:
     from torch.utils.cpp_extension import load
 
-    folder = os.path.join(tempfile.gettempdir(), "pointins-cuda-emulation")
+    folder = build_folder()
     os.makedirs(folder, exist_ok=True)
     # The schema file's module function names the CPU kernels' micro-kernel family (csrc/cpu/gemm.cpp).
     sources = [os.path.join(HERE, "runtime.cpp"), os.path.join(ROOT, "csrc", "instance_aware_conv.cpp"),
@@ -72,7 +113,8 @@ class _Conv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         templates, weight, index = ctx.saved_tensors
-        grads = torch.ops.emu_ops.backward(grad_output.contiguous(), templates, weight, index, *ctx.conv_args)
+        grads = torch.ops.emu_ops.backward(grad_output.contiguous(), templates, weight, index, *ctx.conv_args,
+                                           ctx.has_bias)
         return grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None, None, None, None
 
 
@@ -271,6 +313,13 @@ def run_suite(suite: str, quick: bool) -> int:
             for dtype in TOL:
                 check(case, dtype)
                 count += 1
+    elif suite == "buckets":
+        for case, steps in BUCKET_CASES[:2] if quick else BUCKET_CASES:
+            assert bucket_steps(case) == steps, f"{case}: {bucket_steps(case)} bucketing steps, expected {steps}"
+            # float64, not float32: grad_templates sums thousands of instances per template, past TOL[float32]
+            for dtype in (torch.float64, torch.bfloat16):
+                check(case, dtype)
+                count += 1
     elif suite == "tf32":
         set_tf32(True)
         try:
@@ -302,7 +351,7 @@ def kernel_names() -> dict[int, str]:
     """{offset in the emulation library: demangled kernel name} of the library's __global__ functions."""
     import subprocess
 
-    library = os.path.join(tempfile.gettempdir(), "pointins-cuda-emulation", "pointins_cuda_emulation.so")
+    library = os.path.join(build_folder(), "pointins_cuda_emulation.so")
     listing = subprocess.run(["nm", "-C", "--defined-only", library], capture_output=True, text=True, check=True)
     names = {}
     for line in listing.stdout.splitlines():
