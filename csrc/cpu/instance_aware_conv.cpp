@@ -401,18 +401,6 @@ struct GradTile {
   }
 };
 
-// lanes[q % kLanes] += value(q) for q in [begin, end): partial sums in lanes fixed by the position q, so the
-// order of a sum does not depend on how its range is cut into tiles; the middle runs vectorize.
-template <typename acc_t, typename Value>
-void add_to_lanes(int64_t begin, int64_t end, acc_t* lanes, Value&& value) {
-  int64_t q = begin;
-  for (; q < end && q % kLanes != 0; ++q) lanes[q % kLanes] += value(q);
-  for (; q + kLanes <= end; q += kLanes) {
-    for (int64_t i = 0; i < kLanes; ++i) lanes[i] += value(q + i);
-  }
-  for (; q < end; ++q) lanes[q % kLanes] += value(q);
-}
-
 // kLanes accumulation-type values as one vector (a register or a few, whatever the instruction set), and its
 // unaligned loads and stores.
 template <typename acc_t>
@@ -445,6 +433,29 @@ acc_t reduce_lanes(const acc_t* lanes) {
   level = level + __builtin_shufflevector(level, level, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
   level = level + __builtin_shufflevector(level, level, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
   return level[0];
+}
+
+// The sum of x[t] over t in [begin, end): kLanes partial sums, x[t] going to lane t % kLanes, then the fixed tree
+// of reduce_lanes. The order depends only on the indices, not on how a range is cut into tiles, nor on the
+// instruction set. The lanes stay in registers; only a partial first and last block go through memory.
+template <typename scalar_t>
+at::opmath_type<scalar_t> sum_in_lanes(const scalar_t* x, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t edge[kLanes] = {};
+  int64_t q = begin;
+  for (; q < end && q % kLanes != 0; ++q) edge[q % kLanes] = to_acc(x[q]);
+  Lanes<acc_t> sum{};
+  sum += load_lanes(edge);
+  for (; q + kLanes <= end; q += kLanes) {
+    acc_t block[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) block[i] = to_acc(x[q + i]);
+    sum += load_lanes(block);
+  }
+  std::fill(edge, edge + kLanes, acc_t(0));
+  for (; q < end; ++q) edge[q % kLanes] = to_acc(x[q]);
+  sum += load_lanes(edge);  // (+0 in the lanes without a term: a lane's sum is never -0)
+  store_lanes(edge, sum);
+  return reduce_lanes(edge);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -547,7 +558,6 @@ struct ChunkSums {
     const int64_t pixels = g.output_pixels();
     const int64_t pixel_begin = space.pixel_at(q_begin);
     const int64_t pixel_end = q_end >= space.span ? pixels : space.pixel_at(q_end);
-    acc_t lanes[kLanes];
     for (int64_t m = 0; m < M; ++m) {
       const int64_t row = rows.row(m0 + m);
       acc_t* partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
@@ -566,10 +576,7 @@ struct ChunkSums {
         store_row(c + m * ldc, acc_t(0), K, gw + row * K);
       }
       if (gb == nullptr) continue;
-      const scalar_t* grad_row = go + row * pixels;
-      std::fill(lanes, lanes + kLanes, acc_t(0));
-      add_to_lanes(pixel_begin, pixel_end, lanes, [&](int64_t t) { return to_acc(grad_row[t]); });
-      const acc_t bias_sum = reduce_lanes(lanes);
+      const acc_t bias_sum = sum_in_lanes(go + row * pixels, pixel_begin, pixel_end);
       if (chunks > 1) {
         partial_b[chunk * rows_total + row] = bias_sum;
       } else {
@@ -901,17 +908,6 @@ void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeom
   }
 }
 
-// The sum of x[q] over q < n (a multiple of kLanes), in kLanes lanes by q, then the fixed tree of reduce_lanes:
-// the same order whatever the instruction set.
-template <typename acc_t>
-acc_t sum_lanes(const acc_t* x, int64_t n) {
-  Lanes<acc_t> sum{};
-  for (int64_t q = 0; q < n; q += kLanes) sum += load_lanes(x + q);
-  acc_t lanes[kLanes];
-  store_lanes(lanes, sum);
-  return reduce_lanes(lanes);
-}
-
 // The extended-row loops below run over whole vectors: per vector of positions, every tap's term is summed in
 // registers and the result stored once (the planes, a few KiB, stay in L1). Each element still sees its taps
 // in tap order, so the bits are those of a tap-by-tap loop.
@@ -1079,7 +1075,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
               load_row(go + row * pixels, pixels, row_values.data());
             }
             if (gb != nullptr) {
-              gb[row] = from_acc<scalar_t>(sum_lanes(row_values.data(), static_cast<int64_t>(row_values.size())));
+              gb[row] = from_acc<scalar_t>(sum_in_lanes(row_values.data(), 0, static_cast<int64_t>(row_values.size())));
             }
             if (plane.extended) {
               // grad_output in extended rows (gaps and slack zero): per tap one dot product (grad_weight) and one
