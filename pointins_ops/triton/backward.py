@@ -160,7 +160,8 @@ def backward_gemm_kernel(
             for tap in range(0, kH * kW):
                 kh = tap // kW
                 kw = tap % kW
-                if (c_chunk == 0) & (tap == 0) & GRAD_BIAS:  # grad_bias along (a constant False folds the branch away)
+                # grad_bias along the first tap's sum (GRAD_BIAS False: the branch folds away at compile time)
+                if (c_chunk == 0) & (tap == 0) & GRAD_BIAS:
                     acc, acc_bias = _grad_weight_sum(
                         grad_rows, row_ok, template_base, template_ok, t_channel_offsets, ci_ok, px_start, px_end,
                         out_pixels, kh, kw, H, W, W_out, sg_h, sg_w, st_h, st_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -243,7 +244,8 @@ def backward_direct_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         kH: tl.constexpr, kW: tl.constexpr, WIDE: tl.constexpr, IDENTITY: tl.constexpr,
         UNIT_STRIDE: tl.constexpr, CONTIGUOUS: tl.constexpr, NO_BOUNDS: tl.constexpr, ALIGN: tl.constexpr,
-        GRAD_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PI: tl.constexpr, BLOCK_PO: tl.constexpr):
+        GRAD_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PI: tl.constexpr,
+        BLOCK_PO: tl.constexpr):
     """Depthwise / small groups, for one (template, tile of BLOCK_G groups, pixel tile): grad_weight and grad_bias
     over the tile's output pixels (a split: float32 partials when there are several), grad_templates over its
     template pixels. The sums over pixels (grad_weight, grad_bias) and over a block of instances (grad_templates)

@@ -57,20 +57,13 @@ def bucket_steps(case: Case) -> int:
     the launch's shared memory as recorded by the record mode: [segments][P + 1] counts, P + 2 + 33 ints."""
     templates, weight, bias, index = make_inputs(case, torch.float32)
     conv = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
-    names = kernel_names()
-    torch.ops.emu_ops.record(True)
-    try:
-        torch.ops.emu_ops.records()
-        torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
-        lines = torch.ops.emu_ops.records().splitlines()
-    finally:
-        torch.ops.emu_ops.record(False)
-    for line in lines:
-        offset, _, _, _, _, smem = line.split()
-        if _short_name(names.get(int(offset, 16), "")).startswith("bucket_kernel"):
+    _, launches = _recorded(lambda: torch.ops.emu_ops.forward(templates, weight, bias, index, *conv), kernel_names())
+    for launch in launches:
+        if launch["kernel"].startswith("bucket_kernel"):
             keys = case.P + 1
-            segments = (int(smem) - (keys + 1 + 33) * 4) // (keys * 4)
-            return -(-(-(-case.N // segments)) // 32)
+            segments = (launch["smem"] - (keys + 1 + 33) * 4) // (keys * 4)
+            per_segment = -(-case.N // segments)
+            return -(-per_segment // 32)
     return 0
 
 
@@ -375,6 +368,24 @@ def _short_name(name: str) -> str:
     return re.sub(r"(pointins_ops::cuda::|\(anonymous namespace\)::|c10::)", "", name[:end])
 
 
+def _recorded(run, names: dict[int, str]) -> tuple:
+    """run()'s result and the launches it makes, recorded instead of run: {"kernel", "grid": [x, y, z], "threads",
+    "smem"} each."""
+    torch.ops.emu_ops.record(True)
+    try:
+        torch.ops.emu_ops.records()  # (drops anything recorded before)
+        value = run()
+        lines = torch.ops.emu_ops.records().splitlines()
+    finally:
+        torch.ops.emu_ops.record(False)
+    launches = []
+    for line in lines:
+        offset, gx, gy, gz, threads, smem = line.split()
+        launches.append(dict(kernel=_short_name(names.get(int(offset, 16), f"unknown@{offset}")),
+                             grid=[int(gx), int(gy), int(gz)], threads=int(threads), smem=int(smem)))
+    return value, launches
+
+
 def record_calls(calls: list[dict]) -> list[dict]:
     """The launches each call's forward and backward would make on an sm_90 device, recorded by the very host
     code the GPU build runs (kernel bodies not run; persistent grids as large as their work).
@@ -395,22 +406,11 @@ def record_calls(calls: list[dict]) -> list[dict]:
         index = torch.tensor(call["index"], dtype=torch.int64) if call["index"] is not None else None
         conv = (list(call["stride"]), list(call["padding"]), list(call["dilation"]), call["groups"])
         result = {"plans": torch.ops.emu_ops.describe(templates, weight, index, *conv)}
-        torch.ops.emu_ops.record(True)
-        try:
-            torch.ops.emu_ops.records()
-            output = torch.ops.emu_ops.forward(templates, weight, bias, index, *conv)
-            result["forward"] = torch.ops.emu_ops.records()
-            torch.ops.emu_ops.backward(torch.empty_like(output), templates, weight, index, *conv)
-            result["backward"] = torch.ops.emu_ops.records()
-        finally:
-            torch.ops.emu_ops.record(False)
-        for part in ("forward", "backward"):
-            launches = []
-            for line in result[part].splitlines():
-                offset, gx, gy, gz, threads, smem = line.split()
-                launches.append(dict(kernel=_short_name(names.get(int(offset, 16), f"unknown@{offset}")),
-                                     grid=[int(gx), int(gy), int(gz)], threads=int(threads), smem=int(smem)))
-            result[part] = launches
+        output, result["forward"] = _recorded(
+            lambda: torch.ops.emu_ops.forward(templates, weight, bias, index, *conv), names)
+        _, result["backward"] = _recorded(
+            lambda: torch.ops.emu_ops.backward(torch.empty_like(output), templates, weight, index, *conv, call["bias"]),
+            names)
         results.append(result)
     return results
 
