@@ -32,6 +32,7 @@ class Config:
     template_channels: int = 16
     template_size: int = 14
     mask_channels: int = 16
+    kernel_size: int = 3                     # the instance-aware kernels' size (odd)
     positives_per_image: int = 64
     min_size: int = 800                      # the model's resize: shorter side
     max_size: int = 1333                     # the model's resize: longer side at most
@@ -70,7 +71,7 @@ class Config:
 
 # The fields that define the model's parameters: a checkpoint is usable only with the same values.
 MODEL_FIELDS = ("detector", "backbone", "num_classes", "fpn_channels", "head_convs", "tower_convs",
-                "template_channels", "template_size", "mask_channels")
+                "template_channels", "template_size", "mask_channels", "kernel_size")
 
 _CHOICES = {"detector": ("fcos", "retinanet"), "optimizer": ("adamw", "sgd"),
             "schedule": ("cosine", "step", "constant"), "device": ("auto", "cpu", "cuda")}
@@ -174,10 +175,12 @@ def write_config(config: Config, directory: str | os.PathLike, name: str = "conf
 
 
 def model_mismatches(saved: dict[str, Any], config: Config) -> list[str]:
-    """Model-defining fields whose value in a checkpoint's config differs from ``config``'s."""
-    current = config_to_dict(config)
-    return [f"{key}: checkpoint {saved.get(key)!r} != config {current[key]!r}" for key in MODEL_FIELDS
-            if saved.get(key) != current[key]]
+    """Model-defining fields whose value in a checkpoint's config differs from ``config``'s. A field the checkpoint
+    does not record (it predates the field) counts as its default, the value the model was built with."""
+    current, defaults = config_to_dict(config), config_to_dict(Config())
+    saved = {key: saved.get(key, defaults[key]) for key in MODEL_FIELDS}
+    return [f"{key}: checkpoint {saved[key]!r} != config {current[key]!r}" for key in MODEL_FIELDS
+            if saved[key] != current[key]]
 
 
 __all__ = ["Config", "MODEL_FIELDS", "PointINSError", "config_from_dict", "config_to_dict", "load_yaml",

@@ -22,7 +22,7 @@ def build_model(config: Config) -> nn.Module:
         raise PointINSError(f"config: num_classes must be >= 2 (background + categories); got {config.num_classes}")
     mask_options = dict(tower_convs=config.tower_convs, template_channels=config.template_channels,
                         template_size=config.template_size, mask_channels=config.mask_channels,
-                        positives_per_image=config.positives_per_image)
+                        kernel_size=config.kernel_size, positives_per_image=config.positives_per_image)
     detector_options = dict(min_size=config.min_size, max_size=config.max_size, score_thresh=config.score_thresh,
                             detections_per_img=config.detections_per_img)
     if config.fpn_channels == 256 and config.head_convs == 4:
@@ -40,13 +40,16 @@ def build_model(config: Config) -> nn.Module:
                             f"fpn_channels={config.fpn_channels}, head_convs={config.head_convs}")
     channels = config.fpn_channels
     backbone = build_backbone(config)
-    if config.detector == "fcos":
-        head = PointINSFCOSHead(channels, 1, config.num_classes, num_convs=config.head_convs, **mask_options)
-        return PointINSFCOS(backbone, config.num_classes, head=head, **detector_options)
-    if config.head_convs != 4:
+    if config.detector != "fcos" and config.head_convs != 4:
         raise PointINSError("config: head_convs other than 4 is available for detector=fcos only (torchvision's "
                             "RetinaNetHead has 4 convolutions)")
-    return PointINSRetinaNet(backbone, config.num_classes, **detector_options, **mask_options)
+    try:  # the mask branch checks its options (e.g. an even kernel_size) with a ValueError
+        if config.detector == "fcos":
+            head = PointINSFCOSHead(channels, 1, config.num_classes, num_convs=config.head_convs, **mask_options)
+            return PointINSFCOS(backbone, config.num_classes, head=head, **detector_options)
+        return PointINSRetinaNet(backbone, config.num_classes, **detector_options, **mask_options)
+    except ValueError as error:
+        raise PointINSError(f"config: {error}") from None
 
 
 def build_backbone(config: Config) -> BackboneWithFPN:

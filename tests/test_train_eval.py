@@ -245,6 +245,20 @@ def test_config_file_then_overrides_and_errors(tmp_path):
         resolve_config(str(path))
 
 
+def test_mask_branch_fields_reach_the_model_and_checkpoints_without_a_field_read_as_its_default():
+    from pointins.config import config_to_dict, model_mismatches
+    from pointins.models import build_model
+    config = resolve_config(None, [*TINY, "num_classes=3", "kernel_size=1", "template_size=7", "mask_channels=8"])
+    branch = build_model(config).head.mask_branch
+    assert (branch.kernel_size, branch.template_size, branch.mask_channels) == (1, 7, 8)
+    with pytest.raises(PointINSError, match="kernel_size must be odd"):
+        build_model(resolve_config(None, [*TINY, "num_classes=3", "kernel_size=2"]))
+    saved = config_to_dict(Config())
+    del saved["kernel_size"]  # a checkpoint written before the field existed: built with the default, 3
+    assert model_mismatches(saved, Config()) == []
+    assert model_mismatches(saved, Config(kernel_size=1)) == ["kernel_size: checkpoint 3 != config 1"]
+
+
 def test_lr_schedule_warms_up_then_decays():
     config = Config(steps=110, warmup_steps=10, warmup_factor=0.1, schedule="cosine")
     assert lr_factor(0, config) == pytest.approx(0.1)
