@@ -18,6 +18,13 @@ def build_model(config: Config) -> nn.Module:
     variant: the same ResNet-FPN (P3-P7) and heads, with ``fpn_channels`` wide FPN and towers and ``head_convs``
     convolutions in the class and box towers. On 2 CPU cores the heads, not the ResNet, dominate a step at
     small image sizes; 64 channels and 2 convolutions make a step several times faster."""
+    try:
+        return _build_model(config)
+    except ValueError as error:  # the model classes check their arguments (e.g. an even kernel_size) this way
+        raise PointINSError(f"config: {error}") from None
+
+
+def _build_model(config: Config) -> nn.Module:
     if config.num_classes < 2:
         raise PointINSError(f"config: num_classes must be >= 2 (background + categories); got {config.num_classes}")
     mask_options = dict(tower_convs=config.tower_convs, template_channels=config.template_channels,
@@ -26,11 +33,8 @@ def build_model(config: Config) -> nn.Module:
     detector_options = dict(min_size=config.min_size, max_size=config.max_size, score_thresh=config.score_thresh,
                             detections_per_img=config.detections_per_img)
     if config.fpn_channels == 256 and config.head_convs == 4:
-        try:
-            return build_pointins(config.detector, config.backbone, num_classes=config.num_classes,
-                                  weights_backbone=config.weights_backbone, **mask_options, **detector_options)
-        except ValueError as error:
-            raise PointINSError(f"config: {error}") from None
+        return build_pointins(config.detector, config.backbone, num_classes=config.num_classes,
+                              weights_backbone=config.weights_backbone, **mask_options, **detector_options)
     if config.weights_backbone is not None:
         raise PointINSError("config: weights_backbone needs the standard model (fpn_channels=256, head_convs=4)")
     # The heads' GroupNorm has 32 groups: 64 channels or more leave every group 2+ values even at a 1 x 1 level
@@ -40,16 +44,13 @@ def build_model(config: Config) -> nn.Module:
                             f"fpn_channels={config.fpn_channels}, head_convs={config.head_convs}")
     channels = config.fpn_channels
     backbone = build_backbone(config)
-    if config.detector != "fcos" and config.head_convs != 4:
+    if config.detector == "fcos":
+        head = PointINSFCOSHead(channels, 1, config.num_classes, num_convs=config.head_convs, **mask_options)
+        return PointINSFCOS(backbone, config.num_classes, head=head, **detector_options)
+    if config.head_convs != 4:
         raise PointINSError("config: head_convs other than 4 is available for detector=fcos only (torchvision's "
                             "RetinaNetHead has 4 convolutions)")
-    try:  # the mask branch checks its options (e.g. an even kernel_size) with a ValueError
-        if config.detector == "fcos":
-            head = PointINSFCOSHead(channels, 1, config.num_classes, num_convs=config.head_convs, **mask_options)
-            return PointINSFCOS(backbone, config.num_classes, head=head, **detector_options)
-        return PointINSRetinaNet(backbone, config.num_classes, **detector_options, **mask_options)
-    except ValueError as error:
-        raise PointINSError(f"config: {error}") from None
+    return PointINSRetinaNet(backbone, config.num_classes, **detector_options, **mask_options)
 
 
 def build_backbone(config: Config) -> BackboneWithFPN:
