@@ -149,7 +149,7 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
-     "The micro-kernel family the CPU kernels use now: amx (bfloat16 only), avx512, avx2 or generic."},
+     "The micro-kernel family the CPU kernels use now: amx or avx512bf16 (bfloat16 only), avx512, avx2 or generic."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -25,7 +25,7 @@ def _isas():
     """The micro-kernel families this CPU runs, best first (each lower one can be forced)."""
     from pointins_ops import _C
 
-    order = ["amx", "avx512", "avx2", "generic"]
+    order = ["amx", "avx512bf16", "avx512", "avx2", "generic"]
     best = _C.cpu_isa()
     return order[order.index(best):]
 

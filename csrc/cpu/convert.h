@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace pointins_ops {
@@ -39,13 +40,41 @@ POINTINS_CONVERT_INLINE scalar_t from_acc(at::opmath_type<scalar_t> x) {
   }
 }
 
+// 16 bfloat16 values as vectors of their float32 and 16-bit patterns, so blocks of them convert in registers
+// whatever the compiler's cost model makes of a short loop (a fully unrolled 16-element loop stays scalar).
+typedef float FloatBlock __attribute__((vector_size(64)));
+typedef uint32_t WordBlock __attribute__((vector_size(64)));
+typedef int32_t MaskBlock __attribute__((vector_size(64)));
+typedef uint16_t HalfBlock __attribute__((vector_size(32)));
+
+POINTINS_CONVERT_INLINE void narrow_block(const float* __restrict__ src, float shift, uint16_t* __restrict__ dst) {
+  FloatBlock x;
+  std::memcpy(&x, src, sizeof(x));
+  x += shift;
+  const WordBlock bits = reinterpret_cast<WordBlock>(x);
+  WordBlock rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const MaskBlock nan = x != x;
+  rounded = nan ? WordBlock{} + 0x7FC0u : rounded;  // as float_to_bf16_bits, lane by lane
+  const HalfBlock narrow = __builtin_convertvector(rounded, HalfBlock);
+  std::memcpy(dst, &narrow, sizeof(narrow));
+}
+
+POINTINS_CONVERT_INLINE void widen_block(const uint16_t* __restrict__ src, float* __restrict__ dst) {
+  HalfBlock bits;
+  std::memcpy(&bits, src, sizeof(bits));
+  const WordBlock wide = __builtin_convertvector(bits, WordBlock) << 16;
+  std::memcpy(dst, &wide, sizeof(wide));
+}
+
 // dst[t] = from_acc(src[t] + shift) for t < n.
 template <typename scalar_t>
 POINTINS_CONVERT_INLINE void store_row(const at::opmath_type<scalar_t>* __restrict__ src,
                                        at::opmath_type<scalar_t> shift, int64_t n, scalar_t* __restrict__ dst) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t t = 0; t < n; ++t) bits[t] = float_to_bf16_bits(src[t] + shift);
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) narrow_block(src + t, shift, bits + t);
+    for (; t < n; ++t) bits[t] = float_to_bf16_bits(src[t] + shift);
   } else {
     for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<scalar_t>(src[t] + shift);
   }
@@ -57,7 +86,9 @@ POINTINS_CONVERT_INLINE void load_row(const scalar_t* __restrict__ src, int64_t 
                                       at::opmath_type<scalar_t>* __restrict__ dst) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t t = 0; t < n; ++t) dst[t] = bf16_bits_to_float(bits[t]);
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) widen_block(bits + t, dst + t);
+    for (; t < n; ++t) dst[t] = bf16_bits_to_float(bits[t]);
   } else {
     for (int64_t t = 0; t < n; ++t) dst[t] = to_acc(src[t]);
   }

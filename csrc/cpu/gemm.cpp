@@ -33,6 +33,12 @@ bool cpu_has_amx_bf16() {
   constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
   return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
 }
+
+bool cpu_has_avx512_bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a >> 5) & 1u;  // CPUID.(EAX=7, ECX=1):EAX[5], AVX512_BF16 (VDPBF16PS)
+}
 #endif
 
 Isa best_isa() {
@@ -43,6 +49,7 @@ Isa best_isa() {
                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (avx512 && cpu_has_amx_bf16()) return Isa::kAmx;
+    if (avx512 && cpu_has_avx512_bf16()) return Isa::kAvx512Bf16;
     if (avx512) return Isa::kAvx512;
     if (avx2) return Isa::kAvx2;
 #endif
@@ -468,6 +475,176 @@ POINTINS_INLINE void amx_gemm(const Operand<c10::BFloat16>& a, const Operand<c10
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// AVX512-BF16 (without AMX): VDPBF16PS multiplies the pairs (k, k + 1) of two vectors of bfloat16 and adds
+// both products to float32 lanes, twice the products per instruction of a float32 FMA and half the bytes per
+// operand. A is packed in k-pair-major blocks of MR rows (word [kk][i] = A[m0 + i][2kk], A[m0 + i][2kk + 1]),
+// B in k-pair-major panels of 32 columns (word [kk][j] = B[2kk][n0 + j], B[2kk + 1][n0 + j]); an odd K's last
+// pair holds a zero in both. Register blocks R x 32 of C, R <= 8. The instruction fixes its own rounding: per
+// lane, the odd product is added first, then the even one, and subnormal inputs and results read as zero.
+
+#if defined(POINTINS_X86)
+#define POINTINS_AVX512_BF16_TARGET POINTINS_AVX512_TARGET ",avx512bf16"
+
+template <int R, int MR>
+__attribute__((target(POINTINS_AVX512_BF16_TARGET))) POINTINS_INLINE void dpbf16_kernel(
+    const uint32_t* __restrict__ a, const uint32_t* __restrict__ b, int64_t pairs, float* __restrict__ c, int64_t ldc,
+    bool accumulate) {
+  __m512 acc0[R], acc1[R];
+  for (int i = 0; i < R; ++i) {
+    acc0[i] = accumulate ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
+    acc1[i] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < pairs; ++kk) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kk * 32);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kk * 32 + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh value = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[kk * MR + i]));
+      acc0[i] = _mm512_dpbf16_ps(acc0[i], value, b0);
+      acc1[i] = _mm512_dpbf16_ps(acc1[i], value, b1);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm512_storeu_ps(c + i * ldc, acc0[i]);
+    _mm512_storeu_ps(c + i * ldc + 16, acc1[i]);
+  }
+}
+
+// The word (x[k], x[k + 1]) of a row of bfloat16, x[k + 1] = 0 when k + 1 == K.
+POINTINS_INLINE uint32_t pair_at(const c10::BFloat16* x, int64_t k, int64_t K) {
+  uint32_t word;
+  if (k + 1 < K) {
+    std::memcpy(&word, x + k, 4);
+  } else {
+    uint16_t bits;
+    std::memcpy(&bits, x + k, 2);
+    word = bits;
+  }
+  return word;
+}
+
+// dst[kk * ld + j] = the word (x_j[2kk], x_j[2kk + 1]) of row x_j = src[j] + offset, for j < 8 and every pair of
+// K values (a zero high half past K): 8 x 8 register transposes of words (rows of any alignment).
+POINTINS_INLINE void transpose_pairs8(const c10::BFloat16* const* src, int64_t offset, int64_t K, uint32_t* dst,
+                                      int64_t ld) {
+  const int64_t pairs = (K + 1) / 2;
+  int64_t kk = 0;
+#if defined(POINTINS_TRANSPOSE)
+  using V = Lanes8<uint32_t>::V;
+  for (; 2 * (kk + 8) <= K; kk += 8) {
+    V r[8];
+    for (int j = 0; j < 8; ++j) std::memcpy(&r[j], src[j] + offset + 2 * kk, sizeof(V));
+    transpose8<uint32_t>(r);
+    for (int e = 0; e < 8; ++e) std::memcpy(dst + (kk + e) * ld, &r[e], sizeof(V));
+  }
+#endif
+  for (; kk < pairs; ++kk) {
+    for (int j = 0; j < 8; ++j) dst[kk * ld + j] = pair_at(src[j] + offset, 2 * kk, K);
+  }
+}
+
+__attribute__((target(POINTINS_AVX512_BF16_TARGET), flatten)) void gemm_avx512_bf16(
+    const Operand<c10::BFloat16>& a, const Operand<c10::BFloat16>& b, int64_t M, int64_t N, int64_t K, float* c,
+    int64_t ldc, bool accumulate, GemmScratch& scratch) {
+  constexpr int MR = 8, NR = 32;
+  const int64_t pairs = (K + 1) / 2, Mp = round_up(M, MR), Np = round_up(N, NR);
+  const auto bits = [](const c10::BFloat16* x) { return static_cast<uint32_t>(bits_of(*x)); };
+  uint32_t* a32 = reinterpret_cast<uint32_t*>(scratch.a16.resize(2 * Mp * pairs));
+  uint32_t* b32 = reinterpret_cast<uint32_t*>(scratch.b16.resize(2 * Np * pairs));
+
+  // A: blocks of MR rows; rows past M are zeros.
+  static_assert(MR == 8, "a block of A is one 16-byte load per column, one 8 x 8 transpose per row");
+  for (int64_t m0 = 0; m0 < Mp; m0 += MR) {
+    uint32_t* block = a32 + m0 * pairs;
+    if (a.form == Operand<c10::BFloat16>::kColumns && m0 + MR <= M) {
+      // A[m0 .. m0 + 8)[k] lie together in column k: two columns' 8 values interleave into 8 words.
+      const auto* columns = reinterpret_cast<const uint16_t* const*>(a.pointers);
+      const int64_t at = a.offset + m0;
+      for (int64_t kk = 0; kk < pairs; ++kk) {
+        const __m128i even = _mm_loadu_si128(reinterpret_cast<const __m128i*>(columns[2 * kk] + at));
+        const __m128i odd = 2 * kk + 1 < K ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(columns[2 * kk + 1] + at))
+                                           : _mm_setzero_si128();
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(block + kk * MR), _mm_unpacklo_epi16(even, odd));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(block + kk * MR + 4), _mm_unpackhi_epi16(even, odd));
+      }
+      continue;
+    }
+    if (a.form == Operand<c10::BFloat16>::kRows && m0 + MR <= M) {
+      transpose_pairs8(a.pointers + m0, a.offset, K, block, MR);
+      continue;
+    }
+    for (int64_t i = 0; i < MR; ++i) {
+      const int64_t m = m0 + i;
+      if (m >= M) {
+        for (int64_t kk = 0; kk < pairs; ++kk) block[kk * MR + i] = 0;
+      } else if (a.form == Operand<c10::BFloat16>::kRows) {
+        const c10::BFloat16* row = a.pointers[m] + a.offset;
+        for (int64_t kk = 0; kk < pairs; ++kk) block[kk * MR + i] = pair_at(row, 2 * kk, K);
+      } else {
+        const int64_t at = a.offset + m;
+        for (int64_t kk = 0; kk < pairs; ++kk) {
+          const uint32_t even = bits(a.pointers[2 * kk] + at);
+          const uint32_t odd = 2 * kk + 1 < K ? bits(a.pointers[2 * kk + 1] + at) : 0u;
+          block[kk * MR + i] = even | (odd << 16);
+        }
+      }
+    }
+  }
+
+  // B: panels of NR columns; columns past N are zeros.
+  if (b.form == Operand<c10::BFloat16>::kRows) {
+    // Two rows of B at a time, front to back, into every panel (the loops over j vectorize: zero-extend, shift,
+    // or).
+    const auto* words = reinterpret_cast<const uint16_t* const*>(b.pointers);
+    for (int64_t kk = 0; kk < pairs; ++kk) {
+      const uint16_t* even = words[2 * kk] + b.offset;
+      const uint16_t* odd = 2 * kk + 1 < K ? words[2 * kk + 1] + b.offset : nullptr;
+      for (int64_t n0 = 0; n0 < Np; n0 += NR) {
+        uint32_t* dst = b32 + n0 * pairs + kk * NR;
+        const int64_t valid = std::min<int64_t>(NR, N - n0);
+        if (odd) {
+          for (int64_t j = 0; j < valid; ++j) dst[j] = uint32_t{even[n0 + j]} | (uint32_t{odd[n0 + j]} << 16);
+        } else {
+          for (int64_t j = 0; j < valid; ++j) dst[j] = even[n0 + j];
+        }
+        for (int64_t j = valid; j < NR; ++j) dst[j] = 0;
+      }
+    }
+  } else {  // B[k][n] = columns[n][k]: a column's pairs are adjacent words, transposed 8 x 8 at a time
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8) transpose_pairs8(b.pointers + n, b.offset, K, b32 + (n / NR) * pairs * NR + n % NR, NR);
+    for (; n < Np; ++n) {
+      uint32_t* dst = b32 + (n / NR) * pairs * NR + n % NR;
+      if (n >= N) {
+        for (int64_t kk = 0; kk < pairs; ++kk) dst[kk * NR] = 0;
+      } else {
+        const c10::BFloat16* column = b.pointers[n] + b.offset;
+        for (int64_t kk = 0; kk < pairs; ++kk) dst[kk * NR] = pair_at(column, 2 * kk, K);
+      }
+    }
+  }
+
+  for (int64_t n0 = 0; n0 < Np; n0 += NR) {
+    const uint32_t* panel = b32 + n0 * pairs;
+    for (int64_t m0 = 0; m0 < Mp; m0 += MR) {
+      const uint32_t* block = a32 + m0 * pairs;
+      float* c_block = c + m0 * ldc + n0;
+      // A ragged last block runs the smallest kernel that covers its rows.
+      const int64_t rows = std::min<int64_t>(MR, M - m0);
+      if (rows > 4) {
+        dpbf16_kernel<MR, MR>(block, panel, pairs, c_block, ldc, accumulate);
+      } else if (rows > 2) {
+        dpbf16_kernel<4, MR>(block, panel, pairs, c_block, ldc, accumulate);
+      } else if (rows > 1) {
+        dpbf16_kernel<2, MR>(block, panel, pairs, c_block, ldc, accumulate);
+      } else {
+        dpbf16_kernel<1, MR>(block, panel, pairs, c_block, ldc, accumulate);
+      }
+    }
+  }
+}
+#endif
+
 // One compiled copy of the engine per instruction set.
 template <typename scalar_t>
 using GemmFn = void (*)(const Operand<scalar_t>&, const Operand<scalar_t>&, int64_t, int64_t, int64_t,
@@ -511,8 +688,9 @@ GemmFn<scalar_t> engine(Isa isa) {
 #if defined(POINTINS_X86)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (isa == Isa::kAmx) return &gemm_amx;
+    if (isa == Isa::kAvx512Bf16) return &gemm_avx512_bf16;
   }
-  if (isa == Isa::kAvx512 || isa == Isa::kAmx) return &gemm_avx512<scalar_t>;
+  if (isa >= Isa::kAvx512) return &gemm_avx512<scalar_t>;
   if (isa == Isa::kAvx2) return &gemm_avx2<scalar_t>;
 #endif
   (void)isa;
@@ -532,12 +710,14 @@ Isa active_isa() {
       wanted = Isa::kAvx2;
     } else if (name == "avx512") {
       wanted = Isa::kAvx512;
+    } else if (name == "avx512bf16") {
+      wanted = Isa::kAvx512Bf16;
     } else if (name == "amx") {
       wanted = Isa::kAmx;
     } else if (!name.empty()) {
       TORCH_CHECK_VALUE(false,
                         "instance_aware_conv: environment variable POINTINS_CPU_ISA must be one of generic, "
-                        "avx2, avx512, amx (or unset); got '",
+                        "avx2, avx512, avx512bf16, amx (or unset); got '",
                         name, "'");
     }
     isa = std::min(isa, wanted);
@@ -549,6 +729,8 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAmx:
       return "amx";
+    case Isa::kAvx512Bf16:
+      return "avx512bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:

@@ -8,14 +8,17 @@
 //                                             packed (in 8 x 8 register transposes where it transposes)
 //   bfloat16 / float16 on the vector kernels  both operands packed and widened to float32 once
 //   bfloat16 on AMX                           A packed row-major, B packed with pairs of k interleaved
+//   bfloat16 on AVX512-BF16                   A and B packed with pairs of k interleaved, not widened
 //
 // Micro-kernels, chosen per call from the CPU (and POINTINS_CPU_ISA, which may only lower the choice):
-//   amx      bfloat16 only: Intel AMX tiles (TDPBF16PS, float32 accumulation), 32 x 32 blocks of C
-//   avx512   8 x 32 (float) / 8 x 16 (double) register blocks, FMA
-//   avx2     6 x 16 / 6 x 8 register blocks, FMA
-//   generic  4 x 8 / 4 x 4 register blocks, baseline x86-64 (or any CPU)
-// Every element of C sums its K products in increasing k (AMX: in blocks of 32, in the order the hardware
-// fixes), so results depend only on the shapes and the micro-kernel family, never on threads or tiling.
+//   amx         bfloat16 only: Intel AMX tiles (TDPBF16PS, float32 accumulation), 32 x 32 blocks of C
+//   avx512bf16  bfloat16 only: 8 x 32 register blocks, VDPBF16PS (pairs of k, float32 accumulation)
+//   avx512      8 x 32 (float) / 8 x 16 (double) register blocks, FMA
+//   avx2        6 x 16 / 6 x 8 register blocks, FMA
+//   generic     4 x 8 / 4 x 4 register blocks, baseline x86-64 (or any CPU)
+// Every element of C sums its K products in increasing k (AMX: in blocks of 32, AVX512-BF16: in pairs, in the
+// order the hardware fixes), so results depend only on the shapes and the micro-kernel family, never on
+// threads or tiling.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -32,10 +35,11 @@
 namespace pointins_ops {
 namespace cpu {
 
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 // The best micro-kernel family this CPU and OS can run, capped by the environment variable POINTINS_CPU_ISA
-// (generic, avx2, avx512 or amx; read on every call so tests can switch). AMX is only used for bfloat16.
+// (generic, avx2, avx512, avx512bf16 or amx; read on every call so tests can switch). AMX and AVX512-BF16 are
+// only used for bfloat16: float32 and the others run the avx512 kernels under either.
 Isa active_isa();
 const char* isa_name(Isa isa);
 
@@ -130,7 +134,7 @@ __attribute__((flatten)) void call_generic(Fn& fn) {
 template <typename Fn>
 void with_isa(Isa isa, Fn&& fn) {
 #if defined(POINTINS_X86)
-  if (isa == Isa::kAvx512 || isa == Isa::kAmx) return call_avx512(fn);
+  if (isa >= Isa::kAvx512) return call_avx512(fn);
   if (isa == Isa::kAvx2) return call_avx2(fn);
 #endif
   call_generic(fn);

@@ -351,7 +351,11 @@ struct ColumnTile {
           if (ih < 0 || ih >= g.H) continue;
           const scalar_t* src = base + c * sc + ih * sh;
           scalar_t* row = dst + (r - first) * space.pitch + g.pad_w;
-          for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = src[iw * sw];
+          if (sw == 1) {
+            std::memcpy(row, src, g.W * sizeof(scalar_t));
+          } else {
+            for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = src[iw * sw];
+          }
         }
       }
       base = data;
@@ -448,7 +452,7 @@ at::opmath_type<scalar_t> sum_in_lanes(const scalar_t* x, int64_t begin, int64_t
   sum += load_lanes(edge);
   for (; q + kLanes <= end; q += kLanes) {
     acc_t block[kLanes];
-    for (int64_t i = 0; i < kLanes; ++i) block[i] = to_acc(x[q + i]);
+    load_row(x + q, kLanes, block);  // whole vectors for float32 and bfloat16
     sum += load_lanes(block);
   }
   std::fill(edge, edge + kLanes, acc_t(0));
@@ -562,13 +566,18 @@ struct ChunkSums {
       const int64_t row = rows.row(m0 + m);
       acc_t* partial = chunks > 1 ? partial_w.data() + (chunk * rows_total + row) * K : nullptr;
       if (transposed) {
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t value = c[k * ldc + m];
-          if (partial) {
-            partial[k] = value;
-          } else {
-            gw[row * K + k] = from_acc<scalar_t>(value);
+        if (partial) {
+          for (int64_t k = 0; k < K; ++k) partial[k] = c[k * ldc + m];
+        } else if (m < M / kLanes * kLanes) {  // blocks of kLanes rows: each k's kLanes values narrowed at once
+          if (m % kLanes == 0) {
+            scalar_t narrow[kLanes];
+            for (int64_t k = 0; k < K; ++k) {
+              store_row(c + k * ldc + m, acc_t(0), kLanes, narrow);
+              for (int64_t i = 0; i < kLanes; ++i) gw[rows.row(m0 + m + i) * K + k] = narrow[i];
+            }
           }
+        } else {
+          for (int64_t k = 0; k < K; ++k) gw[row * K + k] = from_acc<scalar_t>(c[k * ldc + m]);
         }
       } else if (partial) {
         std::copy(c + m * ldc, c + m * ldc + K, partial);
