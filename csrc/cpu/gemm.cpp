@@ -721,6 +721,10 @@ Isa active_isa() {
                         name, "'");
     }
     isa = std::min(isa, wanted);
+#if defined(POINTINS_X86)
+    static const bool bf16_dot = cpu_has_avx512_bf16();
+    if (isa == Isa::kAvx512Bf16 && !bf16_dot) isa = Isa::kAvx512;  // AMX asked down, on a CPU without VDPBF16PS
+#endif
   }
   return isa;
 }
