@@ -406,6 +406,39 @@ POINTINS_INLINE uint16_t bits_of(c10::BFloat16 x) {
   return bits;
 }
 
+// The word (x[k], x[k + 1]) of a row of bfloat16, x[k + 1] = 0 when k + 1 == K.
+POINTINS_INLINE uint32_t pair_at(const c10::BFloat16* x, int64_t k, int64_t K) {
+  uint32_t word;
+  if (k + 1 < K) {
+    std::memcpy(&word, x + k, 4);
+  } else {
+    uint16_t bits;
+    std::memcpy(&bits, x + k, 2);
+    word = bits;
+  }
+  return word;
+}
+
+// dst[kk * ld + j] = the word (x_j[2kk], x_j[2kk + 1]) of row x_j = src[j] + offset, for j < 8 and every pair of
+// K values (a zero high half past K): 8 x 8 register transposes of words (rows of any alignment).
+POINTINS_INLINE void transpose_pairs8(const c10::BFloat16* const* src, int64_t offset, int64_t K, uint32_t* dst,
+                                      int64_t ld) {
+  const int64_t pairs = (K + 1) / 2;
+  int64_t kk = 0;
+#if defined(POINTINS_TRANSPOSE)
+  using V = Lanes8<uint32_t>::V;
+  for (; 2 * (kk + 8) <= K; kk += 8) {
+    V r[8];
+    for (int j = 0; j < 8; ++j) std::memcpy(&r[j], src[j] + offset + 2 * kk, sizeof(V));
+    transpose8<uint32_t>(r);
+    for (int e = 0; e < 8; ++e) std::memcpy(dst + (kk + e) * ld, &r[e], sizeof(V));
+  }
+#endif
+  for (; kk < pairs; ++kk) {
+    for (int j = 0; j < 8; ++j) dst[kk * ld + j] = pair_at(src[j] + offset, 2 * kk, K);
+  }
+}
+
 // Packs for AMX (bfloat16 bits), then runs the tiles.
 POINTINS_INLINE void amx_gemm(const Operand<c10::BFloat16>& a, const Operand<c10::BFloat16>& b, int64_t M, int64_t N,
                               int64_t K, float* c, int64_t ldc, bool accumulate, GemmScratch& scratch) {
@@ -444,28 +477,12 @@ POINTINS_INLINE void amx_gemm(const Operand<c10::BFloat16>& a, const Operand<c10
       }
       std::memset(dst + N, 0, (Np - N) * sizeof(uint32_t));
     }
-  } else {  // B[k][n] = columns[n][k]: transposes of 32-bit pairs, 8 x 8 at a time; an odd K's last pair by hand
+  } else {  // B[k][n] = columns[n][k]: a column's pairs are adjacent words, transposed 8 x 8 at a time
     std::memset(b32, 0, (Kp / 2) * Np * sizeof(uint32_t));
-    const int64_t pairs = K / 2;
-    for (int64_t n0 = 0; n0 < N; n0 += 8) {
-      const int64_t columns = std::min<int64_t>(8, N - n0);
-      const uint32_t* src[8];
-      bool aligned = true;
-      for (int64_t j = 0; j < columns; ++j) {
-        src[j] = reinterpret_cast<const uint32_t*>(b.pointers[n0 + j] + b.offset);
-        aligned = aligned && reinterpret_cast<uintptr_t>(src[j]) % alignof(uint32_t) == 0;
-      }
-      if (aligned) {  // pairs read as words
-        transpose_columns(src, 0, columns, columns, pairs, b32 + n0, Np);
-      } else {
-        for (int64_t kk = 0; kk < pairs; ++kk) {
-          for (int64_t j = 0; j < columns; ++j)
-            std::memcpy(b32 + kk * Np + n0 + j, b.pointers[n0 + j] + b.offset + 2 * kk, 4);
-        }
-      }
-      if (K % 2) {
-        for (int64_t j = 0; j < columns; ++j) b32[pairs * Np + n0 + j] = bits_of(b.pointers[n0 + j][b.offset + K - 1]);
-      }
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8) transpose_pairs8(b.pointers + n, b.offset, K, b32 + n, Np);
+    for (; n < N; ++n) {
+      for (int64_t kk = 0; kk < (K + 1) / 2; ++kk) b32[kk * Np + n] = pair_at(b.pointers[n] + b.offset, 2 * kk, K);
     }
   }
   amx_kernel(a16, reinterpret_cast<const uint16_t*>(b32), Mp, Np, Kp, c, ldc, accumulate);
@@ -507,39 +524,6 @@ __attribute__((target(POINTINS_AVX512_BF16_TARGET))) POINTINS_INLINE void dpbf16
   for (int i = 0; i < R; ++i) {
     _mm512_storeu_ps(c + i * ldc, acc0[i]);
     _mm512_storeu_ps(c + i * ldc + 16, acc1[i]);
-  }
-}
-
-// The word (x[k], x[k + 1]) of a row of bfloat16, x[k + 1] = 0 when k + 1 == K.
-POINTINS_INLINE uint32_t pair_at(const c10::BFloat16* x, int64_t k, int64_t K) {
-  uint32_t word;
-  if (k + 1 < K) {
-    std::memcpy(&word, x + k, 4);
-  } else {
-    uint16_t bits;
-    std::memcpy(&bits, x + k, 2);
-    word = bits;
-  }
-  return word;
-}
-
-// dst[kk * ld + j] = the word (x_j[2kk], x_j[2kk + 1]) of row x_j = src[j] + offset, for j < 8 and every pair of
-// K values (a zero high half past K): 8 x 8 register transposes of words (rows of any alignment).
-POINTINS_INLINE void transpose_pairs8(const c10::BFloat16* const* src, int64_t offset, int64_t K, uint32_t* dst,
-                                      int64_t ld) {
-  const int64_t pairs = (K + 1) / 2;
-  int64_t kk = 0;
-#if defined(POINTINS_TRANSPOSE)
-  using V = Lanes8<uint32_t>::V;
-  for (; 2 * (kk + 8) <= K; kk += 8) {
-    V r[8];
-    for (int j = 0; j < 8; ++j) std::memcpy(&r[j], src[j] + offset + 2 * kk, sizeof(V));
-    transpose8<uint32_t>(r);
-    for (int e = 0; e < 8; ++e) std::memcpy(dst + (kk + e) * ld, &r[e], sizeof(V));
-  }
-#endif
-  for (; kk < pairs; ++kk) {
-    for (int j = 0; j < 8; ++j) dst[kk * ld + j] = pair_at(src[j] + offset, 2 * kk, K);
   }
 }
 
