@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="result folder, e.g. benchmarks/results/cpu to replace the committed CPU tables; default "
                              "a new run folder benchmarks/results/local/<device>-<UTC time>[-quick] (git-ignored), "
                              "so a run never overwrites committed results unless asked to")
+    parser.add_argument("--op-only", action="store_true",
+                        help="only the op scenarios' rows: no model-level (PointINS mask branch) or fixed-cost rows, "
+                             "which are the same whatever --scenario says")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         config = Config(device, scale, scenarios, dtypes, modes, providers, timing, progress=not args.no_progress)
-        rows, ceilings = run(config, model=model, fixed_cost=fixed_cost)
+        extras = {} if args.op_only else dict(model=model, fixed_cost=fixed_cost)
+        rows, ceilings = run(config, **extras)
         info = report.environment(device)
         info["wall_time_s"] = time.perf_counter() - started
         settings = {
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory": measure.describe_memory(device),
             "verify_tolerance": {str(d).removeprefix("torch."): t for d, t in measure.VERIFY_TOL.items()},
             "cache_bytes": measure.cache_bytes(device),
-            "model": model.status(),
+            "model": "not run: --op-only" if args.op_only else model.status(),
         }
         scaled = [s.scaled(scale) for s in scenarios]
         text = report.markdown(rows, info, ceilings, settings)

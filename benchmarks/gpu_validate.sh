@@ -10,16 +10,20 @@
 #   1. environment, then build for the card: python3 -m pip install --no-build-isolation --no-deps -e .
 #      with TORCH_CUDA_ARCH_LIST set to the card's compute capability (ptxas report kept);
 #   2. CUDA op tests (tests/test_cuda.py);
-#   3. Triton op tests (tests/test_triton.py, tests/test_compat.py), in parallel when pytest-xdist is there;
+#   3. Triton op tests (tests/test_triton.py, tests/test_compat.py), in parallel when pytest-xdist is there:
+#      the targeted tests first, then the random sweep (each new shape is a Triton compile there);
 #   4. model and training tests (tests/test_model.py, tests/test_train_eval.py; training runs on the GPU);
 #   5. the benchmarks, one backend and one scenario per process (python3 -m benchmarks --device cuda
-#      --backend B --scenario S), most important first, until the time is spent.
+#      --backend B --scenario S), most important first, until the time is spent; the model-level and fixed-cost
+#      rows (the same in every run) only in each backend's first run, --op-only after it.
+#      POINTINS_VALIDATE_SCENARIOS="s1 s2 ..." sets the scenarios and their order (default: all, pointins-train
+#      first), e.g. to measure first what the last window had no time for.
 # The whole run stays under POINTINS_VALIDATE_BUDGET_S seconds (default 540: a 600 s command, less a margin).
 #
 # Results: at most 8 files (all the device tool returns), rewritten after every step:
 #   summary.md (versions, card, step table, test counts, every benchmark table), build.log, test-cuda.log,
-#   test-triton.log, test-model.log, benchmarks.log, results.tar.gz (environment.json, ptxas.txt, the JUnit
-#   XML of each test step, each benchmark run's results.md/csv/json).
+#   test-triton.log, test-triton-sweep.log, test-model.log, benchmarks.log, results.tar.gz (environment.json,
+#   ptxas.txt, the JUnit XML of each test step, each benchmark run's results.md/csv/json).
 #
 # Python packages the image lacks travel as wheels: wheels in ${POINTINS_WHEELS:-.whl}/ are installed (into a
 # temporary folder on PYTHONPATH) before anything else. Without faster-coco-eval, tests/test_train_eval.py is
@@ -206,7 +210,7 @@ if ! command -v nvcc >/dev/null && [[ -z "${CUDA_HOME:-}" && ! -x /usr/local/cud
 else
   export FORCE_CUDA=1
 fi
-seconds=$(limit 200 330)
+seconds=$(limit 200 360)
 echo "== build: TORCH_CUDA_ARCH_LIST=$arch FORCE_CUDA=$FORCE_CUDA python3 -m pip install --no-build-isolation" \
   "--no-deps -e . (limit $seconds s)"
 t0=$(date +%s)
@@ -224,8 +228,12 @@ record "build (sm_${arch/./}, FORCE_CUDA=$FORCE_CUDA)" $(( $(date +%s) - t0 )) $
 # --- 2-4. tests ----------------------------------------------------------------------------------------------------
 workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
 # test_cuda.py runs alone: one of its tests sizes its tensors from the free GPU memory.
-pytest_step "CUDA op tests" test-cuda.log 90 250 1 - tests/test_cuda.py
-pytest_step "Triton op tests" test-triton.log 150 130 "$workers" load tests/test_triton.py tests/test_compat.py
+pytest_step "CUDA op tests" test-cuda.log 90 280 1 - tests/test_cuda.py
+# The Triton tests compile a kernel for each new shape: the targeted ones first, then the random sweep.
+pytest_step "Triton op tests" test-triton.log 100 200 "$workers" load tests/test_triton.py tests/test_compat.py \
+  -k "not test_random_cases"
+pytest_step "Triton random sweep" test-triton-sweep.log 90 130 "$workers" load tests/test_triton.py \
+  -k "test_random_cases"
 pytest_step "model and training tests" test-model.log 90 60 2 loadfile tests/test_model.py tests/test_train_eval.py
 
 # --- 5. benchmarks -------------------------------------------------------------------------------------------------
@@ -236,13 +244,18 @@ else
 fi
 t0=$(date +%s)
 ran=0 failed=0 left_out=()
-for scenario in pointins-train pointins-infer condinst solov2 yolact pointins-1x1 pointins-dw; do
+declare -A extras_done=()  # the model-level and fixed-cost rows, the same in every run: once per backend
+read -r -a scenarios <<<"${POINTINS_VALIDATE_SCENARIOS:-pointins-train pointins-infer condinst solov2 yolact pointins-1x1 pointins-dw}"
+for scenario in "${scenarios[@]}"; do
   for backend in "${bench_backends[@]}"; do
     seconds=$(limit 75 10)
     if (( seconds < 30 * scale )); then left_out+=("$scenario/$backend"); continue; fi
-    echo "== benchmark $scenario, backend $backend (limit $seconds s)" | tee -a "$out_dir/benchmarks.log"
+    op_only=()
+    [[ -n "${extras_done[$backend]:-}" ]] && op_only=(--op-only)
+    extras_done[$backend]=1
+    echo "== benchmark $scenario, backend $backend (limit $seconds s) ${op_only[*]}" | tee -a "$out_dir/benchmarks.log"
     timeout -s INT -k 10 "$seconds" python3 -m benchmarks "${bench_options[@]}" --backend "$backend" \
-      --scenario "$scenario" --output "$work/bench/$scenario-$backend" --no-plot --no-progress \
+      --scenario "$scenario" --output "$work/bench/$scenario-$backend" --no-plot --no-progress "${op_only[@]}" \
       >>"$out_dir/benchmarks.log" 2>&1
     rc=$?
     ran=$((ran + 1))

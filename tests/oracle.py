@@ -7,6 +7,7 @@ the kernel itself adds). Backend test files import from here; each runs the same
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -101,6 +102,28 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu"):
     bias = None if bias is None else bias.to(dtype).to(device)
     index = None if index is None else index.to(device)
     return templates, weight, bias, index
+
+
+@contextlib.contextmanager
+def conv_tf32(enabled: bool):
+    """Within the block, float32 convolutions may (``True``) or may not run on TF32 tensor cores: torch's own
+    switch (on by default), which F.conv2d and the GPU kernels follow. The float32 tolerance needs it off."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        previous = conv.fp32_precision
+        conv.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = previous
+    else:
+        previous = cudnn.allow_tf32
+        cudnn.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32 = previous
 
 
 def oracle_forward(templates, weight, bias, index, *, stride, padding, dilation, groups):

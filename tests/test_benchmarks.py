@@ -268,3 +268,35 @@ def test_cuda_estimate_costs_the_launches_the_cuda_host_code_makes():
         assert sum(r["flops"] for r in records) >= train.flops("forward"), dtype
     rows, note = estimate.estimate_rows([train], ["forward+backward"], ["float32"], compile_kernels=False)
     assert note == "" and {row["backend"] for row in rows} == {"triton", "cuda"}
+
+
+def test_collect_gathers_each_runs_speedups(quick, tmp_path):
+    from benchmarks import collect
+
+    # A run of every scenario gives one "all" row per backend: its geomeans, dtype by dtype and mode by mode.
+    table = collect.collect([quick["out"]])
+    summaries = [row for row in quick["rows"] if row["kind"] == POINTINS]
+    backends = {row["provider"] for row in summaries}
+    assert set(table) == {("all", backend) for backend in backends}
+    for (_, backend), entry in table.items():
+        assert set(entry["cells"]) == {(dtype, mode) for dtype in DTYPES for mode in MODES}
+        assert all(cell.endswith(("x", "x ?")) for cell in entry["cells"].values()), entry
+    # One scenario per run (a GPU window's runs, concatenated as in its summary.md): a row per scenario.
+    one = (quick["out"] / "results.md").read_text().replace("`python -m benchmarks ", "`python -m benchmarks "
+                                                             "--scenario condinst ", 1)
+    two = one.replace("--scenario condinst", "--scenario yolact", 1)
+    (tmp_path / "summary.md").write_text(one + "\n" + two)
+    assert {scenario for scenario, _ in collect.collect([tmp_path / "summary.md"])} == {"condinst", "yolact"}
+    assert collect.main([str(tmp_path / "summary.md")]) == 0
+
+
+def test_op_only_leaves_out_model_and_fixed_cost_rows(tmp_path):
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    process = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-progress", "--no-plot", "--op-only",
+                              "--scenario", "pointins-dw", "--dtype", "float32", "--mode", "forward",
+                              "--out", str(tmp_path)], cwd=ROOT, env=environment, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode == 0, process.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows and all(row["kind"] in (POINTINS, REFERENCE, BEST_REFERENCE) for row in rows)
+    assert {row["scenario"] for row in rows} == {"pointins-dw"}

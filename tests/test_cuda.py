@@ -14,7 +14,7 @@ import torch
 from oracle import (EDGE_CASES, GRAD_BIAS_CASES, RESULT_NAMES, TOL, Case, capture_forward_and_backward,
                     check_agrees_with_cpu_kernel, check_backward_without_grad_bias, check_bitwise_reproducible,
                     check_case, check_compiled_fullgraph, check_ops_pass_opcheck, check_out_of_range_index_is_masked,
-                    forward_and_grads, make_inputs, oracle_grads, random_cases)
+                    conv_tf32, forward_and_grads, make_inputs, oracle_forward, oracle_grads, random_cases)
 from pointins_ops import available_backends, instance_aware_conv
 
 ON_GPU = torch.cuda.is_available()
@@ -32,6 +32,14 @@ op = functools.partial(instance_aware_conv, backend="cuda")
 def skip_without_cuda_kernel(request):
     if not HAS_KERNEL and request.node.originalname != "test_cuda_kernel_is_built":
         pytest.skip("the extension was built without its CUDA kernels (see test_cuda_kernel_is_built)")
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 is held to float32's tolerance, so TF32 is off (torch turns it on by default for convolutions, and
+    the kernels follow it as F.conv2d does: test_float32_follows_conv2d_tf32_flag)."""
+    with conv_tf32(False):
+        yield
 
 
 def test_cuda_kernel_is_built():
@@ -192,6 +200,20 @@ def test_gradcheck(name):
 @pytest.mark.parametrize("name", ["stride-dilation", "channels-last", "empty-N", "int32-index"])
 def test_opcheck(name):
     check_ops_pass_opcheck("cuda", EDGE_CASES[name], DEVICE)
+
+
+def test_float32_follows_conv2d_tf32_flag():
+    # With TF32 on, float32 runs on TF32 tensor cores: a different result, within float16's tolerance (TF32 keeps
+    # float16's 10-bit mantissa); with it off, float32 is exact to float32's tolerance.
+    case = Case(P=3, C_in=32, H=12, W=11, N=7, C_out=16, kernel=(3, 3), padding=(1, 1), index="random", seed=4)
+    templates, weight, bias, index = make_inputs(case, torch.float32, DEVICE)
+    ieee = op(templates, weight, bias, index, **case.conv_args)
+    with conv_tf32(True):
+        tf32 = op(templates, weight, bias, index, **case.conv_args)
+    reference = oracle_forward(templates, weight, bias, index, **case.conv_args)
+    torch.testing.assert_close(ieee.double().cpu(), reference, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1])
+    torch.testing.assert_close(tf32.double().cpu(), reference, atol=TOL[torch.float16][0], rtol=TOL[torch.float16][1])
+    assert not torch.equal(tf32, ieee), "TF32 on, yet float32 ran as IEEE float32"
 
 
 def test_torch_compile_fullgraph():
