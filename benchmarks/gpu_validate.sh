@@ -230,7 +230,7 @@ workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
 # test_cuda.py runs alone: one of its tests sizes its tensors from the free GPU memory.
 pytest_step "CUDA op tests" test-cuda.log 90 280 1 - tests/test_cuda.py
 # The Triton tests compile a kernel for each new shape: the targeted ones first, then the random sweep.
-pytest_step "Triton op tests" test-triton.log 100 200 "$workers" load tests/test_triton.py tests/test_compat.py \
+pytest_step "Triton op tests" test-triton.log 150 200 "$workers" load tests/test_triton.py tests/test_compat.py \
   -k "not test_random_cases"
 pytest_step "Triton random sweep" test-triton-sweep.log 90 130 "$workers" load tests/test_triton.py \
   -k "test_random_cases"
