@@ -10,8 +10,10 @@
 #   1. pointins-1x1 on the CUDA backend through each path (POINTINS_CUDA_PATH=conv, then =pointwise): its 14x14
 #      templates are below the 1024 pixels from which the pointwise (grouped-GEMM) path is taken, and the conv
 #      path measured 0.36x (float32) and 0.58x (bfloat16) of einsum's speed -> ab-1x1.md;
-#   2. torch.profiler on pointins-infer, forward, Triton and CUDA: host time against device time (Triton measured
-#      224 us a forward, CUDA 25 us) -> torch-profiler.txt;
+#   2. torch.profiler on forward calls: pointins-infer with Triton and CUDA (Triton measured 224 us a forward,
+#      CUDA 25 us: host time against device time), pointins-train with CUDA (an index: its value check reads
+#      the data, one device sync a call, then the bucketing kernel; a tiny call with an index cost 76 us against
+#      pointins-infer's 25 us without one) -> torch-profiler.txt;
 #   3. Nsight Compute (--clock-control none: the card's clocks stay as they are) on one bfloat16 call of
 #      pointins-train (forward+backward) and pointins-1x1 (forward), CUDA backend: per kernel duration, memory and
 #      compute throughput, occupancy, registers, shared memory -> ncu.txt;
@@ -82,14 +84,15 @@ for path in conv pointwise; do
 done
 
 # --- 2. host and device time of pointins-infer --------------------------------------------------------------------
-for backend in triton cuda; do
+for target in "pointins-infer triton" "pointins-infer cuda" "pointins-train cuda"; do
+  read -r scenario backend <<<"$target"
   seconds=$(limit 45 250)
-  (( seconds == 0 )) && { say "torch.profiler $backend: no time left"; continue; }
-  say "torch.profiler: pointins-infer forward, backend $backend"
-  { echo "### pointins-infer, bfloat16 forward, backend $backend"; echo; } >>"$out_dir/torch-profiler.txt"
-  timeout -k 5 "$seconds" python3 -m benchmarks.profile_op --scenario pointins-infer --backend "$backend" \
+  (( seconds == 0 )) && { say "torch.profiler $target: no time left"; continue; }
+  say "torch.profiler: $scenario forward, backend $backend"
+  { echo "### $scenario, bfloat16 forward, backend $backend"; echo; } >>"$out_dir/torch-profiler.txt"
+  timeout -k 5 "$seconds" python3 -m benchmarks.profile_op --scenario "$scenario" --backend "$backend" \
     --mode forward --calls 20 --torch-profiler >>"$out_dir/torch-profiler.txt" 2>&1
-  check "torch.profiler $backend" $?
+  check "torch.profiler $target" $?
 done
 
 # --- 3. Nsight Compute ----------------------------------------------------------------------------------------------
