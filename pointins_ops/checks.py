@@ -14,6 +14,10 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
+    if type(value) is int:  # the common cases first, without the generic checks below (a bool is not an int here)
+        return value, value
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
     if isinstance(value, (list, tuple)):
         items = tuple(value) * 2 if len(value) == 1 else tuple(value)  # conv2d expands a single value too
     else:
@@ -70,9 +74,10 @@ def check_instance_aware_conv_inputs(templates, weight, bias, index, stride, pad
     if bias is not None and bias.dtype != templates.dtype:
         raise TypeError(f"instance_aware_conv: bias.dtype must equal templates.dtype ({templates.dtype}); "
                         f"got {bias.dtype}{_mixed_dtypes_hint(templates)}")
+    device = templates.device
     for name, tensor in (("weight", weight), ("bias", bias), ("index", index)):
-        if tensor is not None and tensor.device != templates.device:
-            raise ValueError(f"instance_aware_conv: {name} must be on templates' device ({templates.device}); "
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"instance_aware_conv: {name} must be on templates' device ({device}); "
                              f"got {tensor.device}")
 
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
