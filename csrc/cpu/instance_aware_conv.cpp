@@ -872,7 +872,9 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
 // stride 1 an output row oh, tap (kh, kw) reads that plane at oh * PW + ow + kh * dilation_h * PW + kw *
 // dilation_w, so laying outputs out with the same pitch ("extended" rows, the last PW - W_out columns
 // unused) turns every tap into one contiguous multiply-add over the span of extended outputs, shared by all of
-// the template's instances. Buffers carry kLanes elements of zero slack so the loops run in whole vectors.
+// the template's instances. Buffers carry kLanes elements of zero slack so the loops run in whole vectors. The
+// forward computes each output row's chunks of kLanes columns at their extended positions and stores them
+// straight into the output (taps_to_rows); the backward works on whole extended spans.
 
 struct PaddedPlane {
   int64_t PH, PW;  // padded height and width
@@ -921,16 +923,16 @@ void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeom
 // registers and the result stored once (the planes, a few KiB, stay in L1). Each element still sees its taps
 // in tap order, so the bits are those of a tap-by-tap loop.
 
-// out[x] = start[x] + sum over taps t of weights[t] * src[x + direction * offsets[t]] for x in [begin, end) (whole
-// vectors), where start is `init` or, when it is null, `shift` everywhere. Four vectors at a time, so four
-// independent multiply-add chains hide the instruction's latency. out may be init.
+// out[x] = init[x] + sum over taps t of weights[t] * src[x + direction * offsets[t]] for x in [begin, end) (whole
+// vectors). Four vectors at a time, so four independent multiply-add chains hide the instruction's latency. out
+// may be init.
 template <typename acc_t>
 void taps_multiply_add(const acc_t* src, const int64_t* offsets, int64_t direction, const acc_t* weights, int64_t area,
-                       const acc_t* init, acc_t shift, int64_t begin, int64_t end, acc_t* out) {
-  auto start = [&](int64_t x) { return init ? load_lanes(init + x) : Lanes<acc_t>{} + shift; };
+                       const acc_t* init, int64_t begin, int64_t end, acc_t* out) {
   int64_t x = begin;
   for (; x + 4 * kLanes <= end; x += 4 * kLanes) {
-    Lanes<acc_t> s0 = start(x), s1 = start(x + kLanes), s2 = start(x + 2 * kLanes), s3 = start(x + 3 * kLanes);
+    Lanes<acc_t> s0 = load_lanes(init + x), s1 = load_lanes(init + x + kLanes), s2 = load_lanes(init + x + 2 * kLanes),
+                 s3 = load_lanes(init + x + 3 * kLanes);
     for (int64_t t = 0; t < area; ++t) {
       const acc_t* from = src + x + direction * offsets[t];
       s0 += load_lanes(from) * weights[t];
@@ -944,9 +946,65 @@ void taps_multiply_add(const acc_t* src, const int64_t* offsets, int64_t directi
     store_lanes(out + x + 3 * kLanes, s3);
   }
   for (; x < end; x += kLanes) {
-    Lanes<acc_t> sum = start(x);
+    Lanes<acc_t> sum = load_lanes(init + x);
     for (int64_t t = 0; t < area; ++t) sum += load_lanes(src + x + direction * offsets[t]) * weights[t];
     store_lanes(out + x, sum);
+  }
+}
+
+// The forward's extended-row loop written straight into the output plane: dst[oh * W_out + ow] = narrowed
+// (shift + sum over taps t of weights[t] * src[oh * PW + ow + offsets[t]]), taps in order, in chunks of kLanes
+// output columns of one row (a row's last chunk also computes positions past it, in the gap and the next row,
+// whose results are dropped; the reads stay inside the padded plane and its slack). Four chunks at a time, then
+// two, then one, so independent multiply-add chains hide the instruction's latency. Chunks are stored in
+// increasing order, each as a whole vector when it ends inside the plane (its excess lands where a later chunk
+// writes), the last ones through a buffer. No extended buffer and no second pass over it.
+template <typename scalar_t, typename acc_t>
+void taps_to_rows(const acc_t* src, const int64_t* offsets, const acc_t* weights, int64_t area, acc_t shift,
+                  int64_t PW, int64_t H_out, int64_t W_out, scalar_t* dst) {
+  const int64_t per_row = (W_out + kLanes - 1) / kLanes, chunks = H_out * per_row, pixels = H_out * W_out;
+  const auto from = [&](int64_t k) { return src + k / per_row * PW + k % per_row * kLanes; };
+  const auto put = [&](int64_t k, const Lanes<acc_t>& v) {
+    const int64_t at = k / per_row * W_out + k % per_row * kLanes;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (at + kLanes <= pixels) return store_lanes(dst + at, v);
+    }
+    acc_t buffer[kLanes];
+    store_lanes(buffer, v);
+    store_row(buffer, acc_t(0), std::min<int64_t>(kLanes, pixels - at), dst + at);
+  };
+  const Lanes<acc_t> start = Lanes<acc_t>{} + shift;
+  int64_t k = 0;
+  for (; k + 4 <= chunks; k += 4) {
+    const acc_t *f0 = from(k), *f1 = from(k + 1), *f2 = from(k + 2), *f3 = from(k + 3);
+    Lanes<acc_t> s0 = start, s1 = start, s2 = start, s3 = start;
+    for (int64_t t = 0; t < area; ++t) {
+      const int64_t o = offsets[t];
+      s0 += load_lanes(f0 + o) * weights[t];
+      s1 += load_lanes(f1 + o) * weights[t];
+      s2 += load_lanes(f2 + o) * weights[t];
+      s3 += load_lanes(f3 + o) * weights[t];
+    }
+    put(k, s0);
+    put(k + 1, s1);
+    put(k + 2, s2);
+    put(k + 3, s3);
+  }
+  for (; k + 2 <= chunks; k += 2) {
+    const acc_t *f0 = from(k), *f1 = from(k + 1);
+    Lanes<acc_t> s0 = start, s1 = start;
+    for (int64_t t = 0; t < area; ++t) {
+      s0 += load_lanes(f0 + offsets[t]) * weights[t];
+      s1 += load_lanes(f1 + offsets[t]) * weights[t];
+    }
+    put(k, s0);
+    put(k + 1, s1);
+  }
+  for (; k < chunks; ++k) {
+    const acc_t* f0 = from(k);
+    Lanes<acc_t> s0 = start;
+    for (int64_t t = 0; t < area; ++t) s0 += load_lanes(f0 + offsets[t]) * weights[t];
+    put(k, s0);
   }
 }
 
@@ -975,15 +1033,6 @@ void taps_grad_weight(const acc_t* grad, const acc_t* padded, const int64_t* off
   for (; t < area; ++t) tap_dots<1>(grad, padded, offsets + t, lanes, out + t);
 }
 
-// dst[0, n) = src[0, n): whole vectors while they end inside [dst, limit) (an excess lands where a later copy
-// writes), the rest element by element.
-template <typename scalar_t>
-void copy_row(const scalar_t* src, int64_t n, scalar_t* dst, const scalar_t* limit) {
-  int64_t t = 0;
-  for (; t < n && dst + t + kLanes <= limit; t += kLanes) std::memcpy(dst + t, src + t, kLanes * sizeof(scalar_t));
-  for (; t < n; ++t) dst[t] = src[t];
-}
-
 template <typename scalar_t>
 void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar_t* b, scalar_t* out,
                     const ConvGeometry& g, const TemplateBuckets& buckets) {
@@ -997,14 +1046,16 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
   const std::vector<int64_t> offsets = plane.tap_offsets(g);
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
-    std::vector<acc_t> padded(plane.size()), acc(plane.extended ? plane.lanes + kLanes : pixels), tap_weights(area);
-    std::vector<scalar_t> narrow(plane.extended ? plane.lanes + kLanes : 0);
+    // The plane starts on a cache line: with a pitch of whole lines, every tap kw = 0 reads whole lines.
+    std::vector<acc_t> storage(plane.size() + 64 / sizeof(acc_t)), acc(plane.extended ? 0 : pixels), tap_weights(area);
+    const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(storage.data());
+    acc_t* padded = reinterpret_cast<acc_t*>((first + 63) & ~std::uintptr_t{63});
     cpu::with_isa(isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t p = buckets.used[unit / g.C_in];
         const int64_t c = unit % g.C_in;
         load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
-                    g, plane, padded.data());
+                    g, plane, padded);
         for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
           for (int64_t j = 0; j < multiplier; ++j) {
             const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
@@ -1013,23 +1064,13 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
             scalar_t* dst = out + row * pixels;
             if (plane.extended) {
               for (int64_t t = 0; t < area; ++t) tap_weights[t] = to_acc(taps[t]);
-              taps_multiply_add<acc_t>(padded.data(), offsets.data(), 1, tap_weights.data(), area, nullptr, shift, 0,
-                                       plane.lanes, acc.data());
-              // Narrowed over the whole span (whole vectors), then the rows copied out in order, so the excess of
-              // a row's last vector lands in rows written after it.
-              const scalar_t* rows = reinterpret_cast<const scalar_t*>(acc.data());
-              if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-                store_row(acc.data(), acc_t(0), plane.lanes, narrow.data());
-                rows = narrow.data();
-              }
-              for (int64_t oh = 0; oh < g.H_out; ++oh) {
-                copy_row(rows + oh * plane.PW, g.W_out, dst + oh * g.W_out, dst + pixels);
-              }
+              taps_to_rows(padded, offsets.data(), tap_weights.data(), area, shift, plane.PW, g.H_out, g.W_out,
+                           dst);
             } else {
               for (int64_t oh = 0; oh < g.H_out; ++oh) {
                 for (int64_t ow = 0; ow < g.W_out; ++ow) {
                   acc_t sum = shift;
-                  const acc_t* src = padded.data() + plane.input_offset(g, oh, ow);
+                  const acc_t* src = padded + plane.input_offset(g, oh, ow);
                   for (int64_t kh = 0; kh < g.kH; ++kh) {
                     for (int64_t kw = 0; kw < g.kW; ++kw) {
                       sum += to_acc(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
@@ -1109,7 +1150,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
               // weights[t] * grad[lead + x - offsets[t]], every read inside the buffer (zeros around the rows).
               const int64_t begin = g.pad_h * plane.PW;
               taps_multiply_add<acc_t>(grad.data() + lead, offsets.data(), -1, tap_weights.data(), area,
-                                       grad_padded.data(), acc_t(0), begin, begin + round_up(g.H * plane.PW, kLanes),
+                                       grad_padded.data(), begin, begin + round_up(g.H * plane.PW, kLanes),
                                        grad_padded.data());
             } else {
               for (int64_t kh = 0; kh < g.kH; ++kh) {
