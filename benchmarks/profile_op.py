@@ -10,12 +10,17 @@ time is launch and Python overhead, not kernel time.
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
         python -m benchmarks.profile_op --scenario pointins-train --backend cuda --dtype bfloat16
 
-Runs on the CPU too (the cpu backend, CPU scale), so the command can be tried without a GPU.
+Runs on the CPU too (the cpu backend, CPU scale), so the command can be tried without a GPU. ``--time SECONDS``
+repeats the call instead and prints its mean time: a quick A/B between two builds (run it from each tree in
+turn), on warm inputs, which the benchmark tables are not.
+
+    python -m benchmarks.profile_op --scenario pointins-dw --backend cpu --dtype float32 --time 1.5
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from pointins_ops.reference import FORMULATIONS
@@ -36,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=3, help="profiled calls (after 3 warm-up calls)")
     parser.add_argument("--torch-profiler", action="store_true", help="print torch.profiler's table")
+    parser.add_argument("--time", type=float, metavar="SECONDS",
+                        help="instead of profiling, repeat the call on the same (warm) inputs for SECONDS and print "
+                             "the mean time per call: a quick A/B between two builds, not a benchmark row")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
+    if args.time is not None and not args.time > 0:
+        parser.error(f"--time must be a positive number of seconds, got {args.time}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
@@ -56,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(3):
         step()
     _synchronize(device)
+    if args.time is not None:
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < args.time:
+            step()
+            calls += 1
+        _synchronize(device)
+        print(f"profile_op: {scenario.name} {args.dtype} {args.mode}, backend {args.backend}: "
+              f"{(time.perf_counter() - started) / calls * 1e3:.3f} ms per call ({calls} calls, "
+              f"{torch.get_num_threads()} threads)")
+        return 0
     print(f"profile_op: {scenario.name} {args.dtype} {args.mode}, backend {args.backend}, {args.calls} calls on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU'}", flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -300,3 +300,21 @@ def test_op_only_leaves_out_model_and_fixed_cost_rows(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows and all(row["kind"] in (POINTINS, REFERENCE, BEST_REFERENCE) for row in rows)
     assert {row["scenario"] for row in rows} == {"pointins-dw"}
+
+
+def test_profile_op_times_and_profiles_one_scenario():
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    backend = "cpu" if "cpu" in available_backends("cpu") else "torch"
+    base = [sys.executable, "-m", "benchmarks.profile_op", "--scenario", "pointins-infer", "--backend", backend,
+            "--dtype", "float32", "--mode", "forward+backward", "--device", "cpu"]
+    timed = subprocess.run(base + ["--time", "0.2"], cwd=ROOT, env=environment, capture_output=True, text=True,
+                           timeout=600)
+    assert timed.returncode == 0, timed.stderr[-4000:]
+    assert "ms per call" in timed.stdout and "pointins-infer float32 forward+backward" in timed.stdout
+    profiled = subprocess.run(base + ["--calls", "2", "--torch-profiler"], cwd=ROOT, env=environment,
+                              capture_output=True, text=True, timeout=600)
+    assert profiled.returncode == 0, profiled.stderr[-4000:]
+    assert "Self CPU time total" in profiled.stdout
+    refused = subprocess.run(base + ["--time", "0"], cwd=ROOT, env=environment, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2 and "--time must be a positive number of seconds" in refused.stderr
