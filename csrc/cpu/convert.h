@@ -47,15 +47,20 @@ typedef uint32_t WordBlock __attribute__((vector_size(64)));
 typedef int32_t MaskBlock __attribute__((vector_size(64)));
 typedef uint16_t HalfBlock __attribute__((vector_size(32)));
 
-POINTINS_CONVERT_INLINE void narrow_block(const float* __restrict__ src, float shift, uint16_t* __restrict__ dst) {
-  FloatBlock x;
-  std::memcpy(&x, src, sizeof(x));
-  x += shift;
+// x rounded to bfloat16 (as float_to_bf16_bits, lane by lane), as 16-bit patterns.
+POINTINS_CONVERT_INLINE void narrow_lanes(FloatBlock x, HalfBlock& narrow) {
   const WordBlock bits = reinterpret_cast<WordBlock>(x);
   WordBlock rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const MaskBlock nan = x != x;
-  rounded = nan ? WordBlock{} + 0x7FC0u : rounded;  // as float_to_bf16_bits, lane by lane
-  const HalfBlock narrow = __builtin_convertvector(rounded, HalfBlock);
+  rounded = nan ? WordBlock{} + 0x7FC0u : rounded;
+  narrow = __builtin_convertvector(rounded, HalfBlock);
+}
+
+POINTINS_CONVERT_INLINE void narrow_block(const float* __restrict__ src, float shift, uint16_t* __restrict__ dst) {
+  FloatBlock x;
+  std::memcpy(&x, src, sizeof(x));
+  HalfBlock narrow;
+  narrow_lanes(x + shift, narrow);
   std::memcpy(dst, &narrow, sizeof(narrow));
 }
 

@@ -59,6 +59,7 @@ constexpr int64_t kRowBlock = 256;       // GEMM rows (instance x channel) per p
 constexpr int64_t kPixelTile = 256;      // output pixels per column tile (fewer when K is long)
 constexpr int64_t kChunkPixels = 1024;   // grad_weight reduces at most this many pixels per partial sum
 constexpr int64_t kColumnRows = 256;     // rows of grad_columns (channels x taps) per grad_templates unit
+constexpr int64_t kPlaneRows = 4;        // depthwise rows computed together from one padded plane
 constexpr int64_t kTaskFlops = 1 << 17;  // least work (multiply-adds) worth handing to another thread
 constexpr int64_t kLanes = 16;           // fixed-width partial sums for the reductions the GEMM does not do
 constexpr int64_t kFarRows = 16384;      // template channels more elements apart than this are packed first ...
@@ -876,7 +877,8 @@ void backward_gemm_fused(const at::Tensor& templates, const scalar_t* w, const s
 // unused) turns every tap into one contiguous multiply-add over the span of extended outputs, shared by all of
 // the template's instances. Buffers carry kLanes elements of zero slack so the loops run in whole vectors. The
 // forward computes each output row's chunks of kLanes columns at their extended positions and stores them
-// straight into the output (taps_to_rows); the backward works on whole extended spans.
+// straight into the output, for up to kPlaneRows of the plane's rows at once, so each tap's vectors of the plane
+// are loaded once for all of them (taps_to_rows); the backward works on whole extended spans.
 
 struct PaddedPlane {
   int64_t PH, PW;  // padded height and width
@@ -907,14 +909,53 @@ struct PaddedPlane {
   }
 };
 
+// One past the last element of t's data (strides are never negative): whole-vector reads that end there stay
+// inside the tensor.
+template <typename scalar_t>
+const scalar_t* data_end(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return t.const_data_ptr<scalar_t>() + (t.numel() == 0 ? 0 : last + 1);
+}
+
+// dst[t] = to_acc(src[t]) for t < n and 0 for t in [n, round_up(n, kLanes)), in whole vectors. The last vector
+// reads up to kLanes - 1 elements past src[n - 1] when that stays before `end` (they are replaced by zeros), else
+// element by element.
+template <typename scalar_t, typename acc_t>
+POINTINS_CONVERT_INLINE void widen_padded_row(const scalar_t* src, int64_t n, const scalar_t* end, acc_t* dst) {
+  constexpr bool vectors = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+  int64_t t = 0;
+  if constexpr (vectors) {
+    const auto widen = [&](int64_t at) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        return load_lanes(src + at);
+      } else {
+        cpu::HalfBlock bits;
+        std::memcpy(&bits, src + at, sizeof(bits));
+        return reinterpret_cast<Lanes<acc_t>>(__builtin_convertvector(bits, cpu::WordBlock) << 16);
+      }
+    };
+    for (; t + kLanes <= n; t += kLanes) store_lanes(dst + t, widen(t));
+    if (t < n && end - (src + t) >= kLanes) {
+      const cpu::MaskBlock lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      store_lanes(dst + t, lane < static_cast<int32_t>(n - t) ? widen(t) : Lanes<acc_t>{});
+      return;
+    }
+  }
+  for (; t < n; ++t) dst[t] = to_acc(src[t]);
+  for (; t < round_up(n, kLanes); ++t) dst[t] = acc_t(0);
+}
+
+// The channel zero-padded into the plane; `end` bounds the whole-vector reads of widen_padded_row (rows are
+// written in order, so a row's excess zeros land in the padding or where the next row is written after it).
 template <typename scalar_t, typename acc_t>
 void load_padded(const scalar_t* channel, int64_t sh, int64_t sw, const ConvGeometry& g, const PaddedPlane& plane,
-                 acc_t* dst) {
+                 const scalar_t* end, acc_t* dst) {
   std::fill(dst, dst + plane.size(), acc_t(0));
   for (int64_t ih = 0; ih < g.H; ++ih) {
     acc_t* row = dst + (ih + g.pad_h) * plane.PW + g.pad_w;
     if (sw == 1) {
-      load_row(channel + ih * sh, g.W, row);
+      widen_padded_row(channel + ih * sh, g.W, end, row);
     } else {
       for (int64_t iw = 0; iw < g.W; ++iw) row[iw] = to_acc(channel[ih * sh + iw * sw]);
     }
@@ -954,59 +995,92 @@ void taps_multiply_add(const acc_t* src, const int64_t* offsets, int64_t directi
   }
 }
 
-// The forward's extended-row loop written straight into the output plane: dst[oh * W_out + ow] = narrowed
-// (shift + sum over taps t of weights[t] * src[oh * PW + ow + offsets[t]]), taps in order, in chunks of kLanes
-// output columns of one row (a row's last chunk also computes positions past it, in the gap and the next row,
-// whose results are dropped; the reads stay inside the padded plane and its slack). Four chunks at a time, then
-// two, then one, so independent multiply-add chains hide the instruction's latency. Chunks are stored in
-// increasing order, each as a whole vector when it ends inside the plane (its excess lands where a later chunk
-// writes), the last ones through a buffer. No extended buffer and no second pass over it.
+// One output chunk narrowed into its place: dst[at + t] = v[t] for t < min(kLanes, pixels - at), written as a
+// whole vector when it ends inside the plane (its excess lands where a later chunk of the row writes).
 template <typename scalar_t, typename acc_t>
-void taps_to_rows(const acc_t* src, const int64_t* offsets, const acc_t* weights, int64_t area, acc_t shift,
-                  int64_t PW, int64_t H_out, int64_t W_out, scalar_t* dst) {
-  const int64_t per_row = (W_out + kLanes - 1) / kLanes, chunks = H_out * per_row, pixels = H_out * W_out;
-  const auto from = [&](int64_t k) { return src + k / per_row * PW + k % per_row * kLanes; };
-  const auto put = [&](int64_t k, const Lanes<acc_t>& v) {
-    const int64_t at = k / per_row * W_out + k % per_row * kLanes;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (at + kLanes <= pixels) return store_lanes(dst + at, v);
+POINTINS_CONVERT_INLINE void put_chunk(Lanes<acc_t> v, int64_t at, int64_t pixels, scalar_t* dst) {
+  const int64_t n = std::min<int64_t>(kLanes, pixels - at);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (n == kLanes) return store_lanes(dst + at, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    cpu::HalfBlock bits;
+    cpu::narrow_lanes(v, bits);
+    if (n == kLanes) {
+      std::memcpy(dst + at, &bits, sizeof(bits));
+    } else {
+      std::memcpy(dst + at, &bits, n * sizeof(scalar_t));
     }
-    acc_t buffer[kLanes];
-    store_lanes(buffer, v);
-    store_row(buffer, acc_t(0), std::min<int64_t>(kLanes, pixels - at), dst + at);
-  };
-  const Lanes<acc_t> start = Lanes<acc_t>{} + shift;
-  int64_t k = 0;
-  for (; k + 4 <= chunks; k += 4) {
-    const acc_t *f0 = from(k), *f1 = from(k + 1), *f2 = from(k + 2), *f3 = from(k + 3);
-    Lanes<acc_t> s0 = start, s1 = start, s2 = start, s3 = start;
-    for (int64_t t = 0; t < area; ++t) {
-      const int64_t o = offsets[t];
-      s0 += load_lanes(f0 + o) * weights[t];
-      s1 += load_lanes(f1 + o) * weights[t];
-      s2 += load_lanes(f2 + o) * weights[t];
-      s3 += load_lanes(f3 + o) * weights[t];
-    }
-    put(k, s0);
-    put(k + 1, s1);
-    put(k + 2, s2);
-    put(k + 3, s3);
+    return;
   }
-  for (; k + 2 <= chunks; k += 2) {
-    const acc_t *f0 = from(k), *f1 = from(k + 1);
-    Lanes<acc_t> s0 = start, s1 = start;
-    for (int64_t t = 0; t < area; ++t) {
-      s0 += load_lanes(f0 + offsets[t]) * weights[t];
-      s1 += load_lanes(f1 + offsets[t]) * weights[t];
+  acc_t buffer[kLanes];
+  store_lanes(buffer, v);
+  store_row(buffer, acc_t(0), n, dst + at);
+}
+
+// C chunks of R rows sharing one plane (R <= 4, C <= 2): row r's chunk j is shifts[r] + sum over taps t of
+// weights[r * area + t] * src[from[j] + offsets[t]], taps in order. Each tap's C vectors of the plane are loaded
+// once for all R rows, and the R * C sums are independent multiply-add chains that hide the instruction's
+// latency. The sums are named vectors, not an array (which the compiler leaves on the stack), and 8 of them
+// at most: with 16, GCC spilled some inside the loop.
+template <int R, int C, typename scalar_t, typename acc_t>
+POINTINS_CONVERT_INLINE void taps_block(const acc_t* const* from, const int64_t* offsets, const acc_t* weights,
+                                        int64_t area, const acc_t* shifts, const int64_t* at, int64_t pixels,
+                                        scalar_t* const* dst) {
+  static_assert(R >= 1 && R <= kPlaneRows && (C == 1 || C == 2), "blocks of up to 4 rows and 2 chunks");
+  using V = Lanes<acc_t>;
+  V s00{}, s01{}, s10{}, s11{}, s20{}, s21{}, s30{}, s31{};
+  const auto each_row = [&](const auto& visit) {  // visit(row r, its sums)
+    visit(0, s00, s01);
+    if constexpr (R > 1) visit(1, s10, s11);
+    if constexpr (R > 2) visit(2, s20, s21);
+    if constexpr (R > 3) visit(3, s30, s31);
+  };
+  each_row([&](int r, V& c0, V& c1) {
+    c0 = V{} + shifts[r];
+    if constexpr (C > 1) c1 = c0;
+  });
+  for (int64_t t = 0; t < area; ++t) {
+    const int64_t o = offsets[t];
+    const V x0 = load_lanes(from[0] + o), x1 = C > 1 ? load_lanes(from[1] + o) : V{};
+    each_row([&](int r, V& c0, V& c1) {
+      const acc_t weight = weights[r * area + t];
+      c0 += x0 * weight;
+      if constexpr (C > 1) c1 += x1 * weight;
+    });
+  }
+  each_row([&](int r, V c0, V c1) {
+    put_chunk<scalar_t, acc_t>(c0, at[0], pixels, dst[r]);
+    if constexpr (C > 1) put_chunk<scalar_t, acc_t>(c1, at[1], pixels, dst[r]);
+  });
+}
+
+// The forward's extended-row loop for R rows (instances or channel multipliers) of one padded plane, written
+// straight into their output planes: dst[r][oh * W_out + ow] = narrowed (shifts[r] + sum over taps t of
+// weights[r * area + t] * src[oh * PW + ow + offsets[t]]), taps in order, in chunks of kLanes output columns of
+// one output row (a row's last chunk also computes positions past it, in the gap and the next row, whose results
+// are dropped; the reads stay inside the padded plane and its slack). Two chunks at a time, then one. Each row's
+// chunks are stored in increasing order (put_chunk). No extended buffer and no second pass over it; every
+// element's sum is the same whatever R is.
+template <int R, typename scalar_t, typename acc_t>
+void taps_to_rows(const acc_t* src, const int64_t* offsets, const acc_t* weights, int64_t area, const acc_t* shifts,
+                  int64_t PW, int64_t H_out, int64_t W_out, scalar_t* const* dst) {
+  const int64_t per_row = (W_out + kLanes - 1) / kLanes, chunks = H_out * per_row, pixels = H_out * W_out;
+  const acc_t* from[2];
+  int64_t at[2];
+  const auto locate = [&](int64_t k, int count) {
+    for (int j = 0; j < count; ++j) {
+      from[j] = src + (k + j) / per_row * PW + (k + j) % per_row * kLanes;
+      at[j] = (k + j) / per_row * W_out + (k + j) % per_row * kLanes;
     }
-    put(k, s0);
-    put(k + 1, s1);
+  };
+  int64_t k = 0;
+  for (; k + 2 <= chunks; k += 2) {
+    locate(k, 2);
+    taps_block<R, 2>(from, offsets, weights, area, shifts, at, pixels, dst);
   }
   for (; k < chunks; ++k) {
-    const acc_t* f0 = from(k);
-    Lanes<acc_t> s0 = start;
-    for (int64_t t = 0; t < area; ++t) s0 += load_lanes(f0 + offsets[t]) * weights[t];
-    put(k, s0);
+    locate(k, 1);
+    taps_block<R, 1>(from, offsets, weights, area, shifts, at, pixels, dst);
   }
 }
 
@@ -1042,6 +1116,7 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
   const PaddedPlane plane(g);
   const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const scalar_t* tpl_end = data_end<scalar_t>(templates);
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
   const int64_t unit_flops =
       std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels;
@@ -1049,44 +1124,72 @@ void forward_direct(const at::Tensor& templates, const scalar_t* w, const scalar
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
     // The plane starts on a cache line: with a pitch of whole lines, every tap kw = 0 reads whole lines.
-    std::vector<acc_t> storage(plane.size() + 64 / sizeof(acc_t)), acc(plane.extended ? 0 : pixels), tap_weights(area);
+    std::vector<acc_t> storage(plane.size() + 64 / sizeof(acc_t)), acc(plane.extended ? 0 : pixels),
+        tap_weights(kPlaneRows * area);
     const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(storage.data());
     acc_t* padded = reinterpret_cast<acc_t*>((first + 63) & ~std::uintptr_t{63});
-    cpu::with_isa(isa, [&] {
-      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-        const int64_t p = buckets.used[unit / g.C_in];
-        const int64_t c = unit % g.C_in;
-        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
-                    g, plane, padded);
-        for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
-          for (int64_t j = 0; j < multiplier; ++j) {
-            const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
+    acc_t shifts[kPlaneRows];
+    scalar_t* dsts[kPlaneRows];
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const int64_t p = buckets.used[unit / g.C_in];
+      const int64_t c = unit % g.C_in;
+      cpu::with_isa(isa, [&] {
+        load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2),
+                    templates.stride(3), g, plane, tpl_end, padded);
+      });
+      // The plane's rows: output channel c * multiplier + m % multiplier of the bucket's instance m / multiplier.
+      const int64_t count = (buckets.offsets[p + 1] - buckets.offsets[p]) * multiplier;
+      const auto row_of = [&](int64_t m) {
+        return buckets.order[buckets.offsets[p] + m / multiplier] * g.C_out + c * multiplier + m % multiplier;
+      };
+      if (!plane.extended) {
+        cpu::with_isa(isa, [&] {
+          for (int64_t m = 0; m < count; ++m) {
+            const int64_t row = row_of(m);
             const scalar_t* taps = w + row * area;
             const acc_t shift = b ? to_acc(b[row]) : acc_t(0);
-            scalar_t* dst = out + row * pixels;
-            if (plane.extended) {
-              for (int64_t t = 0; t < area; ++t) tap_weights[t] = to_acc(taps[t]);
-              taps_to_rows(padded, offsets.data(), tap_weights.data(), area, shift, plane.PW, g.H_out, g.W_out,
-                           dst);
-            } else {
-              for (int64_t oh = 0; oh < g.H_out; ++oh) {
-                for (int64_t ow = 0; ow < g.W_out; ++ow) {
-                  acc_t sum = shift;
-                  const acc_t* src = padded + plane.input_offset(g, oh, ow);
-                  for (int64_t kh = 0; kh < g.kH; ++kh) {
-                    for (int64_t kw = 0; kw < g.kW; ++kw) {
-                      sum += to_acc(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
-                    }
+            for (int64_t oh = 0; oh < g.H_out; ++oh) {
+              for (int64_t ow = 0; ow < g.W_out; ++ow) {
+                acc_t sum = shift;
+                const acc_t* src = padded + plane.input_offset(g, oh, ow);
+                for (int64_t kh = 0; kh < g.kH; ++kh) {
+                  for (int64_t kw = 0; kw < g.kW; ++kw) {
+                    sum += to_acc(taps[kh * g.kW + kw]) * src[plane.tap_offset(g, kh, kw)];
                   }
-                  acc[oh * g.W_out + ow] = sum;
                 }
+                acc[oh * g.W_out + ow] = sum;
               }
-              store_row(acc.data(), acc_t(0), pixels, dst);
             }
+            store_row(acc.data(), acc_t(0), pixels, out + row * pixels);
           }
-        }
+        });
+        continue;
       }
-    });
+      // kPlaneRows rows at a time. Each block is its own call into the instruction set's code: a small function
+      // whose multiply-add loop keeps its sums in registers (inside one function with the whole unit loop, the
+      // compiler spilled them).
+      for (int64_t m0 = 0; m0 < count; m0 += kPlaneRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kPlaneRows, count - m0));
+        for (int r = 0; r < rows; ++r) {
+          const int64_t row = row_of(m0 + r);
+          for (int64_t t = 0; t < area; ++t) tap_weights[r * area + t] = to_acc(w[row * area + t]);
+          shifts[r] = b ? to_acc(b[row]) : acc_t(0);
+          dsts[r] = out + row * pixels;
+        }
+        cpu::with_isa(isa, [&] {
+          const auto run = [&](auto rows_constant) {
+            taps_to_rows<decltype(rows_constant)::value>(padded, offsets.data(), tap_weights.data(), area, shifts,
+                                                         plane.PW, g.H_out, g.W_out, dsts);
+          };
+          switch (rows) {
+            case 4: run(std::integral_constant<int, 4>{}); break;
+            case 3: run(std::integral_constant<int, 3>{}); break;
+            case 2: run(std::integral_constant<int, 2>{}); break;
+            default: run(std::integral_constant<int, 1>{}); break;
+          }
+        });
+      }
+    }
   });
 }
 
@@ -1097,6 +1200,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
   const PaddedPlane plane(g);
   const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const scalar_t* tpl_end = data_end<scalar_t>(templates);
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
   const int64_t unit_flops =
       std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels * 2;
@@ -1112,7 +1216,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
         const int64_t p = buckets.used[unit / g.C_in];
         const int64_t c = unit % g.C_in;
         load_padded(tpl + p * templates.stride(0) + c * templates.stride(1), templates.stride(2), templates.stride(3),
-                    g, plane, padded.data());
+                    g, plane, tpl_end, padded.data());
         std::fill(grad_padded.begin(), grad_padded.end(), acc_t(0));
         for (int64_t i = buckets.offsets[p]; i < buckets.offsets[p + 1]; ++i) {
           for (int64_t j = 0; j < multiplier; ++j) {
