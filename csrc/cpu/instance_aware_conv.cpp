@@ -1201,6 +1201,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
   const int64_t area = g.kernel_area(), pixels = g.output_pixels(), multiplier = g.C_out_per_group;
   const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
   const scalar_t* tpl_end = data_end<scalar_t>(templates);
+  const scalar_t* go_end = go + g.N * g.C_out * pixels;  // grad_output is contiguous here
   const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.C_in;
   const int64_t unit_flops =
       std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * multiplier * area * pixels * 2;
@@ -1210,6 +1211,7 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
     std::vector<acc_t> padded(plane.size()), grad_padded(plane.size()), tap_weights(area);
     std::vector<acc_t> grad(plane.extended ? lead + plane.size() : 0), row_values(round_up(pixels, kLanes));
+    const acc_t* values_end = row_values.data() + row_values.size();
     acc_t lanes[kLanes];
     cpu::with_isa(isa, [&] {
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
@@ -1222,10 +1224,10 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
           for (int64_t j = 0; j < multiplier; ++j) {
             const int64_t row = buckets.order[i] * g.C_out + c * multiplier + j;
             const scalar_t* taps = w + row * area;
-            // The row widened: float32 copied into extended rows straight away when it is only needed there
-            // (16-bit rows convert faster in one run), else first into row_values, where grad_bias (when asked
-            // for) sums it in lanes by pixel (zeros past its end), then in a fixed tree.
-            const bool widened_in_place = std::is_same_v<scalar_t, acc_t> && plane.extended && gb == nullptr;
+            // The row widened: straight into extended rows when it is only needed there, else first into
+            // row_values, where grad_bias (when asked for) sums it in lanes by pixel (zeros past its end), then in
+            // a fixed tree.
+            const bool widened_in_place = plane.extended && gb == nullptr;
             if (!widened_in_place) {
               std::fill(row_values.begin() + pixels, row_values.end(), acc_t(0));
               load_row(go + row * pixels, pixels, row_values.data());
@@ -1239,11 +1241,11 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
               // The rows go to the same places for every row of the bucket, so the gaps stay zero.
               for (int64_t oh = 0; oh < g.H_out; ++oh) {
                 acc_t* to = grad.data() + lead + oh * plane.PW;
+                // Whole vectors; a row's zeroed excess lands in its gap or on the next row, written after it.
                 if (widened_in_place) {
-                  load_row(go + row * pixels + oh * g.W_out, g.W_out, to);
+                  widen_padded_row(go + row * pixels + oh * g.W_out, g.W_out, go_end, to);
                 } else {
-                  const acc_t* from = row_values.data() + oh * g.W_out;
-                  for (int64_t ow = 0; ow < g.W_out; ++ow) to[ow] = from[ow];
+                  widen_padded_row(row_values.data() + oh * g.W_out, g.W_out, values_end, to);
                 }
               }
               taps_grad_weight(grad.data() + lead, padded.data(), offsets.data(), area, plane.lanes,
@@ -1278,9 +1280,14 @@ void backward_direct(const at::Tensor& templates, const scalar_t* w, const scala
             }
           }
         }
+        // The plane's interior narrowed into grad_templates in whole vectors (put_chunk: a row's excess lands on
+        // the next row, written after it; the plane's last vector is cut to fit).
         scalar_t* dst = gt + (p * g.C_in + c) * g.H * g.W;
         for (int64_t ih = 0; ih < g.H; ++ih) {
-          store_row(grad_padded.data() + (ih + g.pad_h) * plane.PW + g.pad_w, acc_t(0), g.W, dst + ih * g.W);
+          const acc_t* from = grad_padded.data() + (ih + g.pad_h) * plane.PW + g.pad_w;
+          for (int64_t iw = 0; iw < g.W; iw += kLanes) {
+            put_chunk<scalar_t, acc_t>(load_lanes(from + iw), ih * g.W + iw, g.H * g.W, dst);
+          }
         }
       }
     });
