@@ -64,10 +64,16 @@ POINTINS_CONVERT_INLINE void narrow_block(const float* __restrict__ src, float s
   std::memcpy(dst, &narrow, sizeof(narrow));
 }
 
+// 16 bfloat16 patterns widened to float32 (a shift per lane).
+POINTINS_CONVERT_INLINE void widen_lanes(const HalfBlock& bits, FloatBlock& wide) {
+  wide = reinterpret_cast<FloatBlock>(__builtin_convertvector(bits, WordBlock) << 16);
+}
+
 POINTINS_CONVERT_INLINE void widen_block(const uint16_t* __restrict__ src, float* __restrict__ dst) {
   HalfBlock bits;
   std::memcpy(&bits, src, sizeof(bits));
-  const WordBlock wide = __builtin_convertvector(bits, WordBlock) << 16;
+  FloatBlock wide;
+  widen_lanes(bits, wide);
   std::memcpy(dst, &wide, sizeof(wide));
 }
 

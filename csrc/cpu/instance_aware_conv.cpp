@@ -932,7 +932,9 @@ POINTINS_CONVERT_INLINE void widen_padded_row(const scalar_t* src, int64_t n, co
       } else {
         cpu::HalfBlock bits;
         std::memcpy(&bits, src + at, sizeof(bits));
-        return reinterpret_cast<Lanes<acc_t>>(__builtin_convertvector(bits, cpu::WordBlock) << 16);
+        cpu::FloatBlock wide;
+        cpu::widen_lanes(bits, wide);
+        return wide;
       }
     };
     for (; t + kLanes <= n; t += kLanes) store_lanes(dst + t, widen(t));
@@ -1005,7 +1007,7 @@ POINTINS_CONVERT_INLINE void put_chunk(Lanes<acc_t> v, int64_t at, int64_t pixel
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     cpu::HalfBlock bits;
     cpu::narrow_lanes(v, bits);
-    if (n == kLanes) {
+    if (n == kLanes) {  // a fixed-size copy (one store), not a call to memcpy
       std::memcpy(dst + at, &bits, sizeof(bits));
     } else {
       std::memcpy(dst + at, &bits, n * sizeof(scalar_t));
