@@ -1,7 +1,7 @@
 // CPU kernels of instance_aware_conv: forward, and one backward giving grad_templates, grad_weight, grad_bias.
 //
 // Instances are bucketed by template (a stable counting sort), so one template's columns serve every
-// instance that uses it: that sharing is what no per-instance formulation can do. Two families of kernels:
+// instance that uses it: that sharing is what no per-instance formulation can do. Three families of kernels:
 //
 // * GEMM (every case with more than one input channel per group). Per template, group and tile of output
 //   pixels, the columns are the template's own rows (1x1 kernel, stride 1, no padding: nothing is copied) or
@@ -12,6 +12,10 @@
 //     grad_templates  grad_columns[K, px]   = weight[rows, K]^T        x grad_out[rows, pixels]
 //                     then added back onto the template (col2im), or written directly in the 1x1 case.
 //   "rows" are the (instance, output channel) pairs of one template's instances within one group.
+// * Row vectors (the forward of a stride-1 convolution with a kernel larger than 1x1, float32 on AVX-512,
+//   bfloat16 on AVX512-BF16; row_vectors.h): the same rows as the GEMM's, 16 to a vector, each output pixel
+//   broadcast, so an output row is cut into register blocks with no position of the padded plane computed in
+//   vain (the GEMM computes pitch - W_out such positions per output row: 224 for 196 outputs at 14 x 14).
 // * Direct (depthwise: one input channel per group): per template and channel, a zero-padded copy of the
 //   channel serves all of its instances; each output is a few shifted multiply-adds over that plane.
 //
@@ -24,7 +28,8 @@
 // Extra memory: per thread, the engine's packed operands and one tile of C (at most kRowBlock rows of
 // kPixelTile pixels), an im2col tile, and for grad_templates one channel block of the template in the
 // accumulation type; grad_weight's chunk partials add (chunks - 1) copies of grad_weight and grad_bias in the
-// accumulation type when a template's pixels are split (more than kChunkPixels of them).
+// accumulation type when a template's pixels are split (more than kChunkPixels of them). The row-vector
+// forward's per-thread buffers are bounded in row_vectors.h.
 #include "../instance_aware_conv.h"
 
 #include <ATen/ATen.h>
@@ -37,11 +42,13 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "convert.h"
 #include "gemm.h"
+#include "row_vectors.h"
 
 namespace pointins_ops {
 namespace {
@@ -528,6 +535,75 @@ void forward_gemm(const at::Tensor& templates, const scalar_t* w, const scalar_t
         }
       }
     });
+  });
+}
+
+// The row-vector forward (row_vectors.h) where it applies: per template, group and band of output rows, the
+// band's padded planes once, then the bucket's rows 64 at a time.
+template <typename scalar_t>
+void forward_row_vectors(const at::Tensor& templates, const scalar_t* w, const scalar_t* b, scalar_t* out,
+                         const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using Conv = cpu::RowVectorConv<scalar_t>;
+  const int64_t K = g.reduction_per_group(), pixels = g.output_pixels();
+  const int64_t band = cpu::row_vector_band(g), bands = (g.H_out + band - 1) / band;
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups * bands;
+  const int64_t unit_flops = std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) *
+                             g.C_out_per_group * K * band * g.W_out;
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    thread_local Conv conv;  // its buffers grow to the largest band seen and are kept between calls
+    const scalar_t* weight_rows[Conv::kMaxRows];
+    scalar_t* out_rows[Conv::kMaxRows];
+    float shifts[Conv::kMaxRows];
+    std::vector<typename Conv::Range> ahead;
+    // Unit u: template p, group gi, output rows [oh0, oh1).
+    const auto unit_of = [&](int64_t unit) {
+      const int64_t oh0 = (unit % bands) * band;
+      return std::make_tuple(buckets.used[unit / (g.groups * bands)], (unit / bands) % g.groups, oh0,
+                             std::min(g.H_out, oh0 + band));
+    };
+    // The template rows a unit reads (the planes' rows inside the template), one range per channel.
+    const auto add_template = [&](int64_t p, int64_t gi, int64_t oh0, int64_t oh1) {
+      const int64_t first = std::max<int64_t>(0, oh0 - g.pad_h);
+      const int64_t last = std::min<int64_t>(g.H, oh1 - 1 + (g.kH - 1) * g.dilation_h - g.pad_h + 1);
+      if (first >= last) return;
+      const int64_t span = (last - 1 - first) * templates.stride(2) + (g.W - 1) * templates.stride(3) + 1;
+      for (int64_t c = 0; c < g.C_in_per_group; ++c) {
+        ahead.push_back({tpl + p * templates.stride(0) + (gi * g.C_in_per_group + c) * templates.stride(1) +
+                             first * templates.stride(2),
+                         static_cast<int64_t>(span * sizeof(scalar_t))});
+      }
+    };
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const auto [p, gi, oh0, oh1] = unit_of(unit);
+      conv.load_planes(tpl + p * templates.stride(0) + gi * g.C_in_per_group * templates.stride(1),
+                       templates.stride(1), templates.stride(2), templates.stride(3), g, oh0, oh1);
+      const BucketRows rows{buckets, g, p, gi};
+      for (int64_t m0 = 0; m0 < rows.count(); m0 += Conv::kMaxRows) {
+        const int64_t M = std::min(Conv::kMaxRows, rows.count() - m0);
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t row = rows.row(m0 + m);
+          weight_rows[m] = w + row * K;
+          out_rows[m] = out + row * pixels;
+          shifts[m] = b ? static_cast<float>(to_acc(b[row])) : 0.0f;
+        }
+        // What the next call reads: the next rows' weights, or the next unit's first rows and its template rows.
+        ahead.clear();
+        const auto add_weights = [&](const BucketRows& next, int64_t n0) {
+          for (int64_t n = n0; n < std::min(next.count(), n0 + Conv::kMaxRows); ++n) {
+            ahead.push_back({w + next.row(n) * K, static_cast<int64_t>(K * sizeof(scalar_t))});
+          }
+        };
+        if (m0 + M < rows.count()) {
+          add_weights(rows, m0 + M);
+        } else if (unit + 1 < unit_end) {
+          const auto [next_p, next_gi, next_oh0, next_oh1] = unit_of(unit + 1);
+          add_weights(BucketRows{buckets, g, next_p, next_gi}, 0);
+          add_template(next_p, next_gi, next_oh0, next_oh1);
+        }
+        conv.compute(weight_rows, M, shifts, out_rows, ahead);
+      }
+    }
   });
 }
 
@@ -1321,9 +1397,15 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& templates, const at::Tensor
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     if (is_direct_case(g)) {
       forward_direct(templates, w, b, out, g, buckets);
-    } else {
-      forward_gemm(templates, w, b, out, g, buckets);
+      return;
     }
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (cpu::row_vectors_apply(cpu::active_isa(), templates.scalar_type(), g)) {
+        forward_row_vectors(templates, w, b, out, g, buckets);
+        return;
+      }
+    }
+    forward_gemm(templates, w, b, out, g, buckets);
   });
   return output;
 }
