@@ -54,15 +54,18 @@ ENGINE_CASES = {
     "unpadded-3x3": Case(P=2, C_in=9, H=12, W=13, N=4, C_out=6, kernel=(3, 3), seed=7),
     "channels-last-planes": Case(P=2, C_in=9, H=12, W=13, N=4, C_out=6, kernel=(3, 3), padding=(1, 1),
                                  layout="channels_last", seed=8),
-    # the row-vector forward (csrc/cpu/row_vectors.h, float32 on AVX-512, bfloat16 on AVX512-BF16): 3 vectors of
-    # rows (48 = 3 x 16) by blocks of 7 pixels, the last one moved back on a 20-wide row; an odd channel count
-    # (bfloat16 pairs a zero channel); dilation
-    "row-vectors-48": Case(P=1, C_in=5, H=11, W=20, N=3, C_out=16, kernel=(3, 3), padding=(2, 1), dilation=(2, 1),
+    # the row-vector forward (csrc/cpu/row_vectors.h; float32 on AVX-512, bfloat16 on AVX512-BF16, where it
+    # computes fewer positions than the GEMM): 48 rows (3 vectors) by blocks of 7 pixels, the last moved back on
+    # a 20-wide row; an odd channel count (bfloat16 pairs a zero channel); dilation
+    "row-vectors-48": Case(P=1, C_in=5, H=6, W=20, N=3, C_out=16, kernel=(3, 3), padding=(0, 1), dilation=(2, 1),
                            index="single", seed=12),
-    # 75 rows on one template: a block of 64 rows, then 11 (one vector, part empty); 5 x 3 kernel on a strided view;
-    # 9 output rows of 30: a band of 8 rows and one of 1
-    "row-vectors-75": Case(P=1, C_in=6, H=9, W=32, N=5, C_out=15, kernel=(5, 3), padding=(2, 0), layout="strided",
+    # 75 rows on one template: a block of 64 rows, then 11 (one vector, part empty); 3 x 5 kernel on a strided
+    # view; 30 output rows of 12: a band of 21 rows and one of 9
+    "row-vectors-75": Case(P=1, C_in=6, H=28, W=16, N=5, C_out=15, kernel=(3, 5), padding=(2, 0), layout="strided",
                            seed=13),
+    # 1 x 1 on a 5 x 7 map (35 pixels; the GEMM computes a panel of 64): pairs of neighbouring channels, the
+    # last one alone; channels_last planes
+    "row-vectors-1x1": Case(P=3, C_in=17, H=5, W=7, N=7, C_out=9, kernel=(1, 1), layout="channels_last", seed=14),
     # depthwise, stride 1 (extended rows) and stride 2 (direct loops), with a channel multiplier
     "depthwise": Case(P=3, C_in=16, H=14, W=14, N=9, C_out=16, kernel=(3, 3), padding=(1, 1), groups=16, seed=9),
     "depthwise-strided": Case(P=2, C_in=4, H=13, W=11, N=5, C_out=8, kernel=(3, 3), stride=(2, 2), padding=(1, 1),

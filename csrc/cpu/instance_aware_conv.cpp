@@ -490,6 +490,13 @@ struct GemmPlan {
         tile(pixel_tile(g, space.span, space.planes && !space.padded && templates.stride(1) > kFarRows)),
         tiles((space.span + tile - 1) / tile),
         isa(cpu::active_isa()) {}
+
+  // Positions the forward's products compute per template and group: every tile's span (gaps included),
+  // rounded up to the engine's panels of 32 columns.
+  int64_t computed_positions() const {
+    const int64_t last = space.span - (tiles - 1) * tile;
+    return (tiles - 1) * round_up(tile, 32) + round_up(last, 32);
+  }
 };
 
 template <typename scalar_t>
@@ -1400,7 +1407,8 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& templates, const at::Tensor
       return;
     }
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (cpu::row_vectors_apply(cpu::active_isa(), templates.scalar_type(), g)) {
+      if (cpu::row_vectors_apply(cpu::active_isa(), templates.scalar_type(), g,
+                                 GemmPlan(g, templates).computed_positions())) {
         forward_row_vectors(templates, w, b, out, g, buckets);
         return;
       }

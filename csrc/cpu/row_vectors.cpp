@@ -32,6 +32,9 @@ constexpr int64_t kBandPixels = 256;  // output pixels per band (the tile holds 
 constexpr int kMaxBlocks = 4;         // vectors of 16 rows per register block
 constexpr int kMaxPixels = 14;        // pixels per register block (fewer with more row vectors, see kPixelsFor)
 constexpr int kSlack = 16;            // zeroed values past the planes (a block never reads past its row; margin)
+// The transposing epilogue's cost in multiply-add steps per output vector (an estimate: a 16 x 16 transpose is
+// 64 shuffles for 16 output vectors, plus the tile's store and reload that the GEMM's epilogue does not have).
+constexpr int64_t kEpilogueSteps = 6;
 
 // The most pixels a block of `blocks` row vectors takes: blocks x pixels accumulators, at most 28, leaving
 // registers for the row vectors and a broadcast.
@@ -39,15 +42,22 @@ constexpr int kPixelsFor[kMaxBlocks + 1] = {0, 14, 14, 9, 7};
 
 }  // namespace
 
-bool row_vectors_apply(Isa isa, at::ScalarType dtype, const ConvGeometry& g) {
+bool row_vectors_apply(Isa isa, at::ScalarType dtype, const ConvGeometry& g, int64_t gemm_positions) {
 #if defined(POINTINS_X86)
-  if (g.stride_h != 1 || g.stride_w != 1 || g.C_in_per_group < 2 || g.kernel_area() < 2) return false;
-  if (g.H_out <= 0 || g.W_out <= 0) return false;
-  if (dtype == at::kFloat) return isa >= Isa::kAvx512;
-  if (dtype == at::kBFloat16) return isa == Isa::kAvx512Bf16;
-#endif
-  (void)isa, (void)dtype, (void)g;
+  if (g.stride_h != 1 || g.stride_w != 1 || g.C_in_per_group < 2 || g.H_out <= 0 || g.W_out <= 0) return false;
+  const bool pairs = dtype == at::kBFloat16;
+  if (!(dtype == at::kFloat && isa >= Isa::kAvx512) && !(pairs && isa == Isa::kAvx512Bf16)) return false;
+  const int64_t C = g.C_in_per_group, area = g.kernel_area(), K = C * area;
+  // Steps per output vector: GEMM, K (float32) or K / 2 (bfloat16 pairs) per computed position; row vectors,
+  // per channel pair and tap (an odd channel count pairs a zero) per blocked position (64-row blocks).
+  const int64_t gemm_steps = pairs ? (K + 1) / 2 : K, row_steps = pairs ? (C + 1) / 2 * area : K;
+  const int64_t chunks = (g.W_out + kPixelsFor[kMaxBlocks] - 1) / kPixelsFor[kMaxBlocks];
+  const int64_t blocked = g.H_out * chunks * ((g.W_out + chunks - 1) / chunks), pixels = g.output_pixels();
+  return blocked * row_steps + kEpilogueSteps * pixels < gemm_positions * gemm_steps;
+#else
+  (void)isa, (void)dtype, (void)g, (void)gemm_positions;
   return false;
+#endif
 }
 
 int64_t row_vector_band(const ConvGeometry& g) {
@@ -183,50 +193,60 @@ __attribute__((target(POINTINS_RV_TARGET))) void build_planes(const scalar_t* ch
   }
 }
 
-// weights[step * kMaxRows + m] for rows m < 16 * blocks (zero past M): a step is one reduction index k (float32)
-// or the pair (2c, t), (2c + 1, t) of one tap t (bfloat16). 16 x 16 transposes of rows x steps.
+// The reduction steps of one bfloat16 weight row as 32-bit pairs: words[c * area + t] = w[2c * area + t] in the
+// low half, w[(2c + 1) * area + t] in the high half (zero past the last channel). With a 1 x 1 kernel the pairs
+// are neighbours: the row's own words. Writes up to 15 words past the steps (the staging row has room).
+__attribute__((target(POINTINS_RV_TARGET))) void pair_row(const uint16_t* row, int64_t C, int64_t area,
+                                                          uint32_t* words) {
+  if (area == 1) {
+    for (int64_t c0 = 0; c0 < C; c0 += 32) {
+      const int64_t n = std::min<int64_t>(32, C - c0);
+      const __mmask32 mask = n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+      _mm512_storeu_si512(words + c0 / 2, _mm512_maskz_loadu_epi16(mask, row + c0));
+    }
+    return;
+  }
+  for (int64_t c = 0; c < (C + 1) / 2; ++c) {
+    for (int64_t t0 = 0; t0 < area; t0 += 16) {
+      const __mmask16 mask = first_lanes(area - t0);
+      const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row + 2 * c * area + t0));
+      const __m512i high = 2 * c + 1 < C
+                               ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row + (2 * c + 1) * area + t0))
+                               : _mm512_setzero_si512();
+      _mm512_storeu_si512(words + c * area + t0, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+    }
+  }
+}
+
+// weights[step * kMaxRows + m] for the `steps` reduction steps and rows m < 16 * blocks (zero past M): a step is
+// one reduction index k (float32, the weight row itself) or the pair (2c, t), (2c + 1, t) of one tap t
+// (bfloat16, staged by pair_row in `staging`, 16 rows of steps + 16 words). 16 x 16 transposes of rows x steps.
 template <typename scalar_t>
 __attribute__((target(POINTINS_RV_TARGET))) void pack_weights(const scalar_t* const* weight_rows, int64_t M,
-                                                              int blocks, const ConvGeometry& g, uint32_t* weights) {
+                                                              int blocks, const ConvGeometry& g, int64_t steps,
+                                                              uint32_t* staging, uint32_t* weights) {
   constexpr int64_t ld = RowVectorConv<scalar_t>::kMaxRows;
-  const int64_t C = g.C_in_per_group, area = g.kernel_area();
+  const int64_t stride = steps + 16;
   for (int i = 0; i < blocks; ++i) {
     const int64_t rows = std::clamp<int64_t>(M - 16 * i, 0, 16);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const int64_t K = C * area;
-      for (int64_t k0 = 0; k0 < K; k0 += 16) {
-        const int64_t n = std::min<int64_t>(16, K - k0);
-        __m512 r[16];
-        for (int m = 0; m < 16; ++m) {
-          r[m] = m < rows ? _mm512_maskz_loadu_ps(first_lanes(n), weight_rows[16 * i + m] + k0) : _mm512_setzero_ps();
-        }
-        transpose16(r);
-        for (int64_t kk = 0; kk < n; ++kk) _mm512_store_ps(reinterpret_cast<float*>(weights) + (k0 + kk) * ld + 16 * i, r[kk]);
+    const uint32_t* step_rows[16];
+    for (int64_t m = 0; m < rows; ++m) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        step_rows[m] = reinterpret_cast<const uint32_t*>(weight_rows[16 * i + m]);
+      } else {
+        pair_row(reinterpret_cast<const uint16_t*>(weight_rows[16 * i + m]), g.C_in_per_group, g.kernel_area(),
+                 staging + m * stride);
+        step_rows[m] = staging + m * stride;
       }
-    } else {
-      for (int64_t c = 0; c < (C + 1) / 2; ++c) {
-        for (int64_t t0 = 0; t0 < area; t0 += 16) {
-          const int64_t n = std::min<int64_t>(16, area - t0);
-          __m512 r[16];
-          for (int m = 0; m < 16; ++m) {
-            if (m >= rows) {
-              r[m] = _mm512_setzero_ps();
-              continue;
-            }
-            const uint16_t* row = reinterpret_cast<const uint16_t*>(weight_rows[16 * i + m]);
-            const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first_lanes(n), row + 2 * c * area + t0));
-            __m512i high = _mm512_setzero_si512();
-            if (2 * c + 1 < C) {
-              high = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first_lanes(n), row + (2 * c + 1) * area + t0));
-            }
-            r[m] = _mm512_castsi512_ps(_mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
-          }
-          transpose16(r);
-          for (int64_t tt = 0; tt < n; ++tt) {
-            _mm512_store_ps(reinterpret_cast<float*>(weights) + (c * area + t0 + tt) * ld + 16 * i, r[tt]);
-          }
-        }
+    }
+    for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+      const int64_t n = std::min<int64_t>(16, steps - s0);
+      __m512 r[16];
+      for (int m = 0; m < 16; ++m) {
+        r[m] = m < rows ? _mm512_maskz_loadu_ps(first_lanes(n), step_rows[m] + s0) : _mm512_setzero_ps();
       }
+      transpose16(r);
+      for (int64_t ss = 0; ss < n; ++ss) _mm512_store_ps(weights + (s0 + ss) * ld + 16 * i, r[ss]);
     }
   }
 }
@@ -329,7 +349,7 @@ void RowVectorConv<scalar_t>::compute(const scalar_t* const* weight_rows, int64_
   const BlockFn block = kBlocks<scalar_t>[blocks - 1][width - 1];
   uint32_t* weights = weights_.resize(steps_ * kMaxRows);
   float* tile = tile_.resize(pixels * kMaxRows);
-  pack_weights(weight_rows, M, blocks, g, weights);
+  pack_weights(weight_rows, M, blocks, g, steps_, staging_.resize(16 * (steps_ + 16)), weights);
   reads_.clear();
   writes_.clear();
   for (const Range& range : ahead) reads_.emplace_back(static_cast<const char*>(range.begin), range.bytes);

@@ -34,10 +34,14 @@
 namespace pointins_ops {
 namespace cpu {
 
-// Whether the row-vector forward serves this convolution: stride 1, more than one input channel per group, a
-// kernel larger than 1 x 1 (a 1 x 1 kernel's pixels have no padding between rows, and the engine serves them
-// well), float32 on AVX-512, bfloat16 on AVX512-BF16 without AMX.
-bool row_vectors_apply(Isa isa, at::ScalarType dtype, const ConvGeometry& g);
+// Whether the row-vector forward serves this convolution: stride 1, more than one input channel per group,
+// float32 on AVX-512 or bfloat16 on AVX512-BF16 without AMX, and cheaper than the GEMM forward by a count of
+// vector multiply-add steps per output vector: the GEMM computes `gemm_positions` positions per template for
+// the output's pixels (its gaps and ragged panels: 224 for 14 x 14 outputs, 3 x 3 or 1 x 1), the row vectors
+// compute the pixels (and the overlap of each row's last block) but pay a transposing epilogue, about
+// kEpilogueSteps steps per output vector. So 14 x 14 outputs take the row vectors; CondInst's, SOLOv2's and
+// YOLACT's large 1 x 1 maps, which fill the GEMM's panels, stay on the GEMM.
+bool row_vectors_apply(Isa isa, at::ScalarType dtype, const ConvGeometry& g, int64_t gemm_positions);
 
 // Output rows per band: as many as fit kBandPixels pixels, at least one.
 int64_t row_vector_band(const ConvGeometry& g);
@@ -72,6 +76,7 @@ class RowVectorConv {
   std::vector<int64_t> offsets_;  // per reduction step: where its values lie in the planes
   Scratch<uint32_t> planes_;      // float32 bits, or pairs of bfloat16
   Scratch<uint32_t> weights_;     // packed: step-major, kMaxRows values (float32 bits or pairs) per step
+  Scratch<uint32_t> staging_;     // bfloat16: 16 weight rows as pairs, before their transpose
   Scratch<float> tile_;           // pixel-major sums, kMaxRows per pixel
   std::vector<std::pair<const char*, int64_t>> reads_, writes_;  // ranges to prefetch during one compute()
 };
