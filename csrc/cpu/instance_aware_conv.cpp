@@ -614,6 +614,51 @@ void forward_row_vectors(const at::Tensor& templates, const scalar_t* w, const s
   });
 }
 
+// The row-vector grad_weight (row_vectors.h) where it applies: the forward's cost rule picks the row vectors, the
+// kernel is larger than 1x1 (a 1x1 grad_weight sums over pixels with no gaps), a template's output fits one
+// tile, and for bfloat16 the output rows pair evenly. Per template and group: its planes once, the bucket's
+// rows 64 at a time; grad_bias as the GEMM pass sums it.
+constexpr int64_t kRowVectorReducePixels = 256;
+
+bool row_vector_grad_weight_applies(const ConvGeometry& g, const at::Tensor& templates) {
+  const at::ScalarType dtype = templates.scalar_type();
+  return g.kernel_area() > 1 && g.output_pixels() <= kRowVectorReducePixels &&
+         (dtype == at::kFloat || g.W_out % 2 == 0) &&
+         cpu::row_vectors_apply(cpu::active_isa(), dtype, g, GemmPlan(g, templates).computed_positions());
+}
+
+template <typename scalar_t>
+void grad_weight_row_vectors(const at::Tensor& templates, const scalar_t* go, scalar_t* gw, scalar_t* gb,
+                             const ConvGeometry& g, const TemplateBuckets& buckets) {
+  using Conv = cpu::RowVectorConv<scalar_t>;
+  const int64_t K = g.reduction_per_group(), pixels = g.output_pixels();
+  const scalar_t* tpl = templates.const_data_ptr<scalar_t>();
+  const int64_t units = static_cast<int64_t>(buckets.used.size()) * g.groups;
+  const int64_t unit_flops =
+      std::max<int64_t>(1, g.N / std::max<int64_t>(buckets.used.size(), 1)) * g.C_out_per_group * K * pixels;
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t unit_begin, int64_t unit_end) {
+    thread_local Conv conv;  // its buffers grow to the largest template seen and are kept between calls
+    const scalar_t* grad_rows[Conv::kMaxRows];
+    scalar_t* gw_rows[Conv::kMaxRows];
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const int64_t p = buckets.used[unit / g.groups], gi = unit % g.groups;
+      conv.load_grad_weight_planes(tpl + p * templates.stride(0) + gi * g.C_in_per_group * templates.stride(1),
+                                   templates.stride(1), templates.stride(2), templates.stride(3), g);
+      const BucketRows rows{buckets, g, p, gi};
+      for (int64_t m0 = 0; m0 < rows.count(); m0 += Conv::kMaxRows) {
+        const int64_t M = std::min(Conv::kMaxRows, rows.count() - m0);
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t row = rows.row(m0 + m);
+          grad_rows[m] = go + row * pixels;
+          gw_rows[m] = gw + row * K;
+          if (gb) gb[row] = from_acc<scalar_t>(sum_in_lanes(go + row * pixels, 0, pixels));
+        }
+        conv.grad_weight(grad_rows, M, gw_rows);
+      }
+    }
+  });
+}
+
 // Where grad_weight and grad_bias of one bucket's rows go when a unit has summed its chunk of positions: into
 // the tensors (one chunk), or into that chunk's partial sums, which add_chunk_partials adds in chunk order. gb is
 // null when grad_bias is not asked for: the row sums are then skipped.
@@ -1451,7 +1496,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
                                     }
                                     if (is_direct_case(g)) {
                                       backward_direct(templates, w, go, gt, gw, gb, g, buckets);
-                                    } else if (backward_fits_one_pass<scalar_t>(g, buckets)) {
+                                      return;
+                                    }
+                                    if constexpr (std::is_same_v<scalar_t, float> ||
+                                                  std::is_same_v<scalar_t, c10::BFloat16>) {
+                                      if (row_vector_grad_weight_applies(g, templates)) {
+                                        grad_templates_gemm(templates, w, go, gt, g, buckets);
+                                        grad_weight_row_vectors(templates, go, gw, gb, g, buckets);
+                                        return;
+                                      }
+                                    }
+                                    if (backward_fits_one_pass<scalar_t>(g, buckets)) {
                                       backward_gemm_fused(templates, w, go, gt, gw, gb, g, buckets);
                                     } else {
                                       grad_weight_gemm(templates, go, gw, gb, g, buckets);

@@ -70,10 +70,21 @@ class RowVectorConv {
   void compute(const scalar_t* const* weight_rows, int64_t M, const float* shifts, scalar_t* const* out_rows,
                const std::vector<Range>& ahead);
 
+  // grad_weight by the same register blocks, rows in vectors and reduction indices k = (c, kh, kw) broadcast, the
+  // sum running over output pixels (float32) or pairs of neighbouring pixels (bfloat16, VDPBF16PS; W_out must
+  // be even): the planes of one template's channel group over all output rows, as float32 or plain bfloat16.
+  void load_grad_weight_planes(const scalar_t* channels, int64_t sc, int64_t sh, int64_t sw, const ConvGeometry& g);
+
+  // For rows m < M <= kMaxRows: gw_rows[m][k] = the sum over output pixels of grad_rows[m][pixel] times the
+  // planes' value for k at that pixel, in increasing pixel order (float32; bfloat16: pairs of pixels, the
+  // instruction's own order within a pair).
+  void grad_weight(const scalar_t* const* grad_rows, int64_t M, scalar_t* const* gw_rows);
+
  private:
   const ConvGeometry* g_ = nullptr;
   int64_t oh0_ = 0, band_rows_ = 0, plane_rows_ = 0, pitch_ = 0, steps_ = 0;
-  std::vector<int64_t> offsets_;  // per reduction step: where its values lie in the planes
+  std::vector<int64_t> offsets_;    // per reduction step (grad_weight: per k, in bytes): where it lies in the planes
+  std::vector<int64_t> positions_;  // grad_weight: per step, the byte offset of its pixel(s) in a plane
   Scratch<uint32_t> planes_;      // float32 bits, or pairs of bfloat16
   Scratch<uint32_t> weights_;     // packed: step-major, kMaxRows values (float32 bits or pairs) per step
   Scratch<uint32_t> staging_;     // bfloat16: 16 weight rows as pairs, before their transpose
