@@ -1,5 +1,5 @@
-// The row-vector forward (see row_vectors.h): plane building, weight packing, register-block kernels and the
-// transposing epilogue, for AVX-512 (float32) and AVX512-BF16 (bfloat16).
+// The row-vector forward and grad_weight (see row_vectors.h): plane building, weight packing, register-block
+// kernels and the transposing epilogue, for AVX-512 (float32) and AVX512-BF16 (bfloat16).
 #include "row_vectors.h"
 
 #include <c10/util/BFloat16.h>

@@ -1,6 +1,7 @@
 // The row-vector forward of the CPU kernels: a stride-1 convolution of one template's channel group with up to
 // 64 of its GEMM rows (instance x output channel) at a time, the rows in vectors and the output pixels
-// broadcast, the way a direct convolution vectorises over output channels.
+// broadcast, the way a direct convolution vectorises over output channels. grad_weight reuses its register
+// blocks (RowVectorConv::grad_weight).
 //
 // Why a second forward beside the GEMM engine (gemm.h): the engine puts pixels in its vectors, and a stride-1
 // convolution's pixels are positions of a padded plane, pitch = W + 2 * pad per output row. PointINS' 14 x 14
