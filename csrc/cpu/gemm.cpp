@@ -167,8 +167,11 @@ struct RowsB {  // row k at rows[k] + offset
   POINTINS_INLINE const T* row(int64_t k) const { return rows[k] + offset; }
 };
 
+constexpr int64_t kKSlice = 64;  // reduction steps per slice of the vector engine (see vector_gemm)
+
 template <typename T, int VB, int MR, typename A, typename B>
-POINTINS_INLINE void micro_kernel(const A& a, const B& b, int64_t K, T* __restrict__ c, int64_t ldc, bool accumulate) {
+POINTINS_INLINE void micro_kernel(const A& a, const B& b, int64_t k_begin, int64_t k_end, T* __restrict__ c,
+                                  int64_t ldc, bool accumulate) {
   typedef T V __attribute__((vector_size(VB)));
   constexpr int L = VB / sizeof(T);
   V acc0[MR], acc1[MR];
@@ -181,7 +184,7 @@ POINTINS_INLINE void micro_kernel(const A& a, const B& b, int64_t K, T* __restri
       acc1[i] = V{};
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const T* row = b.row(k);
     V b0, b1;
     std::memcpy(&b0, row, VB);
@@ -277,42 +280,53 @@ POINTINS_INLINE void vector_gemm(const Operand<scalar_t>& a, const Operand<scala
     }
   }
 
-  for (int64_t n0 = 0, p = 0; n0 < Np; n0 += NR, ++p) {
-    for (int64_t m0 = 0, blk = 0; m0 < Mp; m0 += MR, ++blk) {
-      T* c_block = c + m0 * ldc + n0;
-      // A ragged last block runs the smallest kernel that covers its rows.
-      const int64_t rows = std::min<int64_t>(MR, M - m0);
-      auto run = [&](auto rows_tag, const auto& a_access) {
-        constexpr int R = decltype(rows_tag)::value;
-        if (p < direct_panels) {
-          if constexpr (in_place) {
-            micro_kernel<T, VB, R>(a_access, RowsB<T>{b.pointers, b.offset + n0}, K, c_block, ldc, accumulate);
+  // When A is columns (one pointer per k: grad_templates' weight rows), the reduction runs in slices of kKSlice
+  // steps, each over every panel and block, so the slice's rows of B and of A stay in L1 while all the blocks
+  // that need them run: a long K (pointins-1x1's 256 grad_output rows per template) would otherwise stream B's
+  // panel from L2 once per block. Rows of A are long streams that slicing would break up (SOLOv2's grad_weight
+  // was 25% slower sliced), so they run K in one go. A block's sums go through C between slices unchanged (it is
+  // in the accumulation type): every element still sums its K products in increasing k, whatever the slicing.
+  const int64_t slice = a.form == Operand<scalar_t>::kColumns ? kKSlice : std::max<int64_t>(K, 1);
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += slice) {  // once at least: K == 0 still writes C's zeros
+    const int64_t k1 = std::min<int64_t>(K, k0 + slice);
+    const bool sum_onto_c = accumulate || k0 > 0;
+    for (int64_t n0 = 0, p = 0; n0 < Np; n0 += NR, ++p) {
+      for (int64_t m0 = 0, blk = 0; m0 < Mp; m0 += MR, ++blk) {
+        T* c_block = c + m0 * ldc + n0;
+        // A ragged last block runs the smallest kernel that covers its rows.
+        const int64_t rows = std::min<int64_t>(MR, M - m0);
+        auto run = [&](auto rows_tag, const auto& a_access) {
+          constexpr int R = decltype(rows_tag)::value;
+          if (p < direct_panels) {
+            if constexpr (in_place) {
+              micro_kernel<T, VB, R>(a_access, RowsB<T>{b.pointers, b.offset + n0}, k0, k1, c_block, ldc, sum_onto_c);
+            }
+          } else {
+            micro_kernel<T, VB, R>(a_access, PackedB<T, NR>{b_packed + (p - direct_panels) * K * NR}, k0, k1, c_block,
+                                   ldc, sum_onto_c);
           }
-        } else {
-          micro_kernel<T, VB, R>(a_access, PackedB<T, NR>{b_packed + (p - direct_panels) * K * NR}, K, c_block, ldc,
-                                 accumulate);
-        }
-      };
-      auto with_a = [&](const auto& a_access) {
-        if (rows > 4 || MR <= 4) {
-          run(std::integral_constant<int, MR>{}, a_access);
-        } else if (rows > 2) {
-          run(std::integral_constant<int, 4>{}, a_access);
-        } else if (rows > 1) {
-          run(std::integral_constant<int, 2>{}, a_access);
-        } else {
-          run(std::integral_constant<int, 1>{}, a_access);
-        }
-      };
-      if (blk >= first_packed) {
-        with_a(PackedA<T, MR>{a_packed + (blk - first_packed) * K * MR});
-      } else if constexpr (in_place) {
-        if (a.form == Operand<scalar_t>::kRows) {
-          RowsA<T, MR> access;
-          for (int i = 0; i < MR; ++i) access.rows[i] = a.pointers[std::min<int64_t>(m0 + i, M - 1)] + a.offset;
-          with_a(access);  // rows past M repeat the last row: C's padding rows, which the caller ignores
-        } else {
-          with_a(ColumnsA<T>{a.pointers, a.offset + m0});
+        };
+        auto with_a = [&](const auto& a_access) {
+          if (rows > 4 || MR <= 4) {
+            run(std::integral_constant<int, MR>{}, a_access);
+          } else if (rows > 2) {
+            run(std::integral_constant<int, 4>{}, a_access);
+          } else if (rows > 1) {
+            run(std::integral_constant<int, 2>{}, a_access);
+          } else {
+            run(std::integral_constant<int, 1>{}, a_access);
+          }
+        };
+        if (blk >= first_packed) {
+          with_a(PackedA<T, MR>{a_packed + (blk - first_packed) * K * MR});
+        } else if constexpr (in_place) {
+          if (a.form == Operand<scalar_t>::kRows) {
+            RowsA<T, MR> access;
+            for (int i = 0; i < MR; ++i) access.rows[i] = a.pointers[std::min<int64_t>(m0 + i, M - 1)] + a.offset;
+            with_a(access);  // rows past M repeat the last row: C's padding rows, which the caller ignores
+          } else {
+            with_a(ColumnsA<T>{a.pointers, a.offset + m0});
+          }
         }
       }
     }
