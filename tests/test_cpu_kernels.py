@@ -81,6 +81,26 @@ def test_engine_paths_match_conv2d(name, dtype, isa, monkeypatch):
     check_case(functools.partial(instance_aware_conv, backend="cpu"), ENGINE_CASES[name], dtype)
 
 
+@pytest.mark.parametrize("dtype", TOL, ids=str)
+def test_stale_scratch_never_reaches_results(dtype):
+    # The kernels' per-thread buffers keep a previous call's values. Calls with NaN inputs on larger shapes fill
+    # them with NaN; the next call must still match the oracle everywhere, so every value its products read was
+    # written by that call (a column tile that ended in a row's gap read past its padded rows: stale NaN times
+    # a zero gradient made grad_weight NaN). One thread, so the poisoning and the checked call share buffers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for C, H, W, N, O in ((16, 30, 30, 8, 16), (64, 14, 14, 16, 64)):
+            templates = torch.full((1, C, H, W), float("nan"), dtype=dtype, requires_grad=True)
+            weight = torch.full((N, O, C, 3, 5), float("nan"), dtype=dtype, requires_grad=True)
+            out = instance_aware_conv(templates, weight, None, torch.zeros(N, dtype=torch.long), padding=(2, 0),
+                                      backend="cpu")
+            out.backward(torch.full_like(out, float("nan")))
+        check_case(functools.partial(instance_aware_conv, backend="cpu"), ENGINE_CASES["row-vectors-75"], dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_isa_name_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("POINTINS_CPU_ISA", "avx1024")
     case = ENGINE_CASES["train-like"]

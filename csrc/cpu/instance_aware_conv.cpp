@@ -350,7 +350,11 @@ struct ColumnTile {
     if (space.padded) {  // the padded rows this tile reads, in its own buffer
       const int64_t first = q0 / space.pitch;
       const int64_t last = std::min(space.height, (q0 + T - 1) / space.pitch + (g.kH - 1) * g.dilation_h + 1);
-      const int64_t plane = (last - first) * space.pitch;
+      // Each channel's rows, then (kW - 1) * dilation_w zeros: a tile that ends in a row's gap reads that far
+      // into the row after `last` (gap positions, whose products are dropped or multiplied by zero gradients).
+      // Zeros, not the next channel's values or a previous call's stale ones, so a non-finite value there can
+      // never turn a zero product into NaN.
+      const int64_t plane = (last - first) * space.pitch + (g.kW - 1) * g.dilation_w;
       scalar_t* data = buffer.resize(g.C_in_per_group * plane);
       const int64_t sc = templates.stride(1), sh = templates.stride(2), sw = templates.stride(3);
       for (int64_t c = 0; c < g.C_in_per_group; ++c) {
